@@ -1,0 +1,36 @@
+"""The `qtool` command: one Typer app, one file per subcommand."""
+
+from __future__ import annotations
+
+import typer
+
+from qtool import __version__
+from qtool.cli import eval as eval_cmd
+from qtool.cli import quantize as quantize_cmd
+
+app = typer.Typer(
+    name="qtool",
+    help="Make large language models small: quantize Hugging Face models into artifacts real runtimes load.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.command("quantize", no_args_is_help=True)(quantize_cmd.quantize)
+app.command("eval", no_args_is_help=True)(eval_cmd.evaluate)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"qtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Make large language models small."""
+
+
+def main() -> None:
+    app()

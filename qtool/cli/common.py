@@ -1,0 +1,68 @@
+"""What every command shares: rich consoles, progress bars, one-line errors with exit codes, JSON output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from qtool.errors import QtoolError
+
+err = Console(stderr=True)
+out = Console()
+
+
+@contextlib.contextmanager
+def user_errors(verbose: bool) -> Iterator[None]:
+    """Turn qtool errors into one clear line on stderr and the documented exit status."""
+    try:
+        yield
+    except QtoolError as e:
+        if verbose:
+            err.print_exception()
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: nothing was written")
+        raise typer.Exit(130) from None
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool = True) -> Iterator:
+    """A rich progress bar on stderr; yields a `(stage, done, total)` callback."""
+    bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, disable=not enabled, transient=False)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+def write_json(dest: str | None, payload: dict) -> None:
+    """`--json -` prints to stdout; `--json FILE` writes the file."""
+    if dest is None:
+        return
+    text = json.dumps(payload, indent=2, sort_keys=True)
+    if dest == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        Path(dest).write_text(text + "\n")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return str(n)

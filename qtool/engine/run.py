@@ -1,0 +1,241 @@
+"""The one streaming loop: load a block, quantize its linears, write, carry activations, next block.
+
+Peak memory is one decoder block + the embeddings + the self-check activations, never the whole model.
+The self-check carries a float and a quantized activation stream through every block on a few held-out
+sequences and reports, at the end, the final-logit KL divergence and same-top % against the base plus the
+worst layers by output error: the silent "model outputs gibberish" failure is caught by every run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from qtool.engine.blocks import BlockRunner, materialize, release, skeleton
+from qtool.engine.output import OUTPUTS
+from qtool.errors import ModelError, UsageError
+from qtool.io.arch import arch_of
+from qtool.io.hf_writer import HFWriter, prepare_output
+from qtool.io.source import ModelSource
+from qtool.methods import METHODS
+from qtool.plan import LayerSpec, Plan
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    codec: str
+    bytes: int
+    weight_rel_err: float  # ||W - Wq|| / ||W||
+    output_rel_err: float | None = None  # ||X(W - Wq)^T|| / ||XW^T|| on the check inputs
+    note: str = ""
+
+
+@dataclass
+class CheckReport:
+    kld: float
+    same_top_pct: float
+    block_rel_err: list[float]
+    sequences: int
+    seq_len: int
+    warn_kld: float
+
+    @property
+    def ok(self) -> bool:
+        return self.kld <= self.warn_kld
+
+
+@dataclass
+class Manifest:
+    out: str
+    plan_digest: str
+    output_format: str
+    quantized_params: int
+    quantized_bytes: int
+    total_bytes: int
+    bits_per_weight: float
+    seconds: float
+    layers: list[LayerReport] = field(default_factory=list)
+    check: CheckReport | None = None
+
+    def worst_layers(self, k: int = 5) -> list[LayerReport]:
+        key = (lambda r: r.output_rel_err) if self.check else (lambda r: r.weight_rel_err)
+        return sorted(self.layers, key=key, reverse=True)[:k]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if self.check:
+            d["check"]["ok"] = self.check.ok
+        return d
+
+
+def check_tokens(tokenizer, n: int, seq_len: int) -> torch.Tensor:
+    """`n` held-out sequences of `seq_len` tokens from qtool's built-in check text (deterministic)."""
+    text = resources.files("qtool").joinpath("data/check.txt").read_text()
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    need = n * seq_len
+    if ids.numel() < need:
+        ids = ids.repeat(need // ids.numel() + 1)
+    return ids[:need].view(n, seq_len)
+
+
+def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ModelError(f"tensor {name} holds {bad} NaN/Inf values; refusing to quantize it")
+    return t
+
+
+def _kld(logits_base: torch.Tensor, logits_q: torch.Tensor) -> tuple[float, float]:
+    lp = torch.log_softmax(logits_base.double(), -1)
+    lq = torch.log_softmax(logits_q.double(), -1)
+    kld = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+    same = (lp.argmax(-1) == lq.argmax(-1)).double().mean().item() * 100
+    return kld, same
+
+
+def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, check: bool = True,
+        progress: Progress | None = None) -> Manifest:
+    """Quantize `source` with `plan` into the HF directory `out` (atomically). Returns the manifest."""
+    t0 = time.perf_counter()
+    progress = progress or (lambda stage, done, total: None)
+    cfg = source.config
+    arch = arch_of(cfg)
+    n_layers = cfg.num_hidden_layers
+    out_fmt = OUTPUTS[plan.output_format]
+
+    # -- everything that can fail on the user's input fails here, before any work
+    shapes = {}
+    for i in range(n_layers):
+        for lin in arch.linears:
+            name = arch.block_prefix(i) + lin
+            try:
+                shapes[name] = source.shape(name + ".weight")
+            except KeyError:
+                raise ModelError(f"{source.path}: tensor {name}.weight is missing") from None
+    specs: dict[str, LayerSpec] = plan.resolve(shapes)
+    if not specs:
+        raise UsageError(f"{plan.source}: no rule matches any linear of this model "
+                         f"(names look like {next(iter(shapes))})")
+    prepare_output(out, force)
+    dtype = source.dtype if plan.dtype == "auto" else getattr(torch, plan.dtype)
+
+    writer = HFWriter(out, force=force)
+    try:
+        manifest = _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress)
+        unquantized = sorted(set(shapes) - set(specs)) + ["lm_head"]
+        config = cfg.to_dict()
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+        config["quantization_config"] = out_fmt.config(specs, unquantized, dtype)
+        _copy_tokenizer(source, writer)
+        writer.add_file("qtool_plan.yaml", plan.to_yaml())
+        manifest.total_bytes = writer.total_bytes
+        manifest.seconds = round(time.perf_counter() - t0, 2)
+        body = manifest.to_json()
+        body.pop("seconds"), body.pop("out")  # keep the artifact byte-identical across runs and paths
+        writer.add_file("qtool_manifest.json", json.dumps(body, indent=2, sort_keys=True) + "\n")
+        writer.finish(config)
+    except BaseException:
+        writer.abort()
+        raise
+    manifest.out = str(out)
+    return manifest
+
+
+def _copy_tokenizer(source: ModelSource, writer: HFWriter) -> None:
+    src_dir = source.path if source.path.is_dir() else None
+    if src_dir is None:
+        source.save_tokenizer(writer.tmp)
+        return
+    for fname in TOKENIZER_FILES:
+        if (src_dir / fname).is_file():
+            writer.add_file(fname, (src_dir / fname).read_bytes())
+
+
+def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress) -> Manifest:
+    cfg = source.config
+    n_layers = cfg.num_hidden_layers
+    out_fmt = OUTPUTS[plan.output_format]
+    skel = skeleton(cfg)
+    embed = _finite(arch.embed, source.get(arch.embed))
+    writer.add(arch.embed, embed.to(dtype))
+    check = check and plan.check_sequences > 0
+    if check:
+        ids = check_tokens(source.load_tokenizer(), plan.check_sequences, plan.check_seq_len)
+        xf = embed[ids].float()
+        xq = xf.clone()
+        runner = BlockRunner(skel, cfg, plan.check_seq_len)
+    del embed
+    reports: list[LayerReport] = []
+    block_err: list[float] = []
+    q_params = q_bytes = 0
+    for i in range(n_layers):
+        prefix = arch.block_prefix(i)
+        block = materialize(skel.get_submodule(prefix.rstrip(".")), prefix, source)
+        inputs: dict[str, torch.Tensor] = {}
+        if check:
+            hooks = [block.get_submodule(lin).register_forward_pre_hook(
+                lambda m, a, lin=lin: inputs.__setitem__(lin, a[0].reshape(-1, a[0].shape[-1])))
+                for lin in arch.linears if prefix + lin in specs]
+            xf = runner(block, xf)
+            for h in hooks:
+                h.remove()
+        for name, p in block.named_parameters():
+            full = prefix + name
+            module = full.removesuffix(".weight")
+            spec = specs.get(module) if name.endswith(".weight") else None
+            w = _finite(full, p.detach())
+            if spec is None:
+                writer.add(full, w.to(dtype))
+                continue
+            qt = METHODS[spec.method].quantize(w, spec.codec)
+            wq = qt.dequantize()
+            for key, t in out_fmt.pack(qt, dtype).items():
+                writer.add(f"{module}.{key}", t)
+            rep = LayerReport(module, spec.codec.name, spec.codec.nbytes(qt.shape),
+                              ((w - wq).norm() / w.norm().clamp_min(1e-12)).item(), note=spec.note)
+            lin = module.removeprefix(prefix)
+            if lin in inputs:
+                x = inputs[lin]
+                rep.output_rel_err = ((x @ (w - wq).T).norm() / (x @ w.T).norm().clamp_min(1e-12)).item()
+            with torch.no_grad():
+                p.copy_(wq)
+            reports.append(rep)
+            q_params += w.numel()
+            q_bytes += rep.bytes
+        if check:
+            yq = runner(block, xq)
+            block_err.append(((yq - xf).norm() / xf.norm().clamp_min(1e-12)).item())
+            xq = yq
+        release(block)
+        progress("quantize", i + 1, n_layers)
+    for name in (arch.final_norm,) + (() if cfg.tie_word_embeddings else (arch.lm_head,)):
+        if name in source.names():
+            writer.add(name, _finite(name, source.get(name)).to(dtype))
+    report = None
+    if check:
+        norm_w = source.get(arch.final_norm).float()
+        head = source.get(arch.embed if cfg.tie_word_embeddings else arch.lm_head).float()
+        norm = skel.model.norm
+        norm.to_empty(device="cpu")
+        with torch.no_grad():
+            norm.weight.copy_(norm_w)
+            kld, same = _kld(norm(xf) @ head.T, norm(xq) @ head.T)
+        report = CheckReport(round(kld, 6), round(same, 3), [round(e, 6) for e in block_err],
+                             plan.check_sequences, plan.check_seq_len, plan.warn_kld)
+    return Manifest(out="", plan_digest=plan.digest(), output_format=plan.output_format,
+                    quantized_params=q_params, quantized_bytes=q_bytes, total_bytes=0,
+                    bits_per_weight=round(8 * q_bytes / max(q_params, 1), 4), seconds=0.0,
+                    layers=reports, check=report)

@@ -1,0 +1,70 @@
+"""The codec seam.
+
+A codec owns the number grid and the parameters of one format, nothing else: no model knowledge, no file
+I/O. Every method quantizes *through the codec it is given*; what leaves a method is a `QTensor`, and only
+writers turn a QTensor into on-disk tensors (see `formats/compressed_tensors.py`, `formats/bnb.py`).
+
+Shapes: a weight W is (out, in); groups/blocks run along `in` (or along the flattened tensor for bnb).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class QTensor:
+    """A quantized weight: integer codes plus the codec's parameters.
+
+    `codes` are unpacked integer codes (layout defined by the codec); `params` holds the codec's tensors
+    (e.g. ``scale``/``zero`` for affine, ``absmax`` for nf4). `codec` is the frozen codec that made it.
+    """
+
+    codec: "Codec"
+    shape: tuple[int, int]
+    codes: torch.Tensor
+    params: dict[str, torch.Tensor]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codec.dequantize(self)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codec.nbytes(self.shape)
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """What every codec implements (implementations are frozen dataclasses)."""
+
+    @property
+    def name(self) -> str:
+        """Registry/YAML-style name, e.g. ``int4_g64_asym`` or ``nf4_b64_dq``."""
+
+    @property
+    def bits(self) -> int:
+        """Bits per code."""
+
+    def check_shape(self, shape: tuple[int, int]) -> None:
+        """Raise `qtool.errors.IndivisibleError` when this codec cannot represent `shape`."""
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Choose the parameters (scales, zeros, absmax...) for float weight `w` (out, in).
+
+        `importance` (in,) optionally weights input channels (imatrix / diag(H)); codecs may ignore it.
+        """
+
+    def quantize(self, w: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Float values -> integer codes under fixed `params`."""
+
+    def encode(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QTensor:
+        """fit + quantize in one call."""
+
+    def dequantize(self, q: QTensor) -> torch.Tensor:
+        """Codes + params -> float32 weight of shape `q.shape`."""
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        """Exact bytes this codec's on-disk tensors take for a weight of `shape`."""

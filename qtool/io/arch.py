@@ -1,0 +1,64 @@
+"""Architecture table: model facts as data, keyed by the Hugging Face architecture name.
+
+Supporting a new decoder family is adding a row here (where blocks live, which linears they hold and in
+which sequential groups, which norm feeds which linears).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Arch:
+    blocks: str  # prefix of decoder block i, with {i}
+    embed: str
+    final_norm: str
+    lm_head: str
+    # linears of a block in true-sequential order: each inner tuple sees the same input
+    linear_groups: tuple[tuple[str, ...], ...]
+    # (norm or linear) -> linears it feeds directly: the smoothing pairs for AWQ/SmoothQuant
+    smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def block_prefix(self, i: int) -> str:
+        return self.blocks.format(i=i)
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(n for g in self.linear_groups for n in g)
+
+
+_LLAMA = Arch(
+    blocks="model.layers.{i}.",
+    embed="model.embed_tokens.weight",
+    final_norm="model.norm.weight",
+    lm_head="lm_head.weight",
+    linear_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    smooth_pairs=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+)
+
+ARCHS: dict[str, Arch] = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": _LLAMA,
+}
+
+
+def arch_of(config) -> Arch:
+    from qtool.errors import ModelError
+
+    names = getattr(config, "architectures", None) or []
+    for n in names:
+        if n in ARCHS:
+            return ARCHS[n]
+    raise ModelError(f"unsupported architecture {names or config.model_type!r}; supported: {', '.join(ARCHS)}")

@@ -1,0 +1,5 @@
+"""Methods: one file each; a method quantizes a float weight through the codec it is given."""
+
+from qtool.methods import rtn
+
+METHODS = {"rtn": rtn}

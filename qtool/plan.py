@@ -1,0 +1,314 @@
+"""Quant plans: the YAML schema, its validation, and rule resolution per module.
+
+A plan is validated completely at the edge (before any model is loaded); an error names the file, the line
+and the field and says what is allowed. Inside qtool a plan is a frozen `Plan`.
+
+    rules:                       # ordered; the first rule whose `match` regex is found in a module name wins
+      - match: 'mlp\\.down_proj'
+        method: rtn              # rtn
+        codec: int               # int | nf4 | fp4
+        bits: 8                  # int: 2, 3, 4, 8
+        group_size: channel      # int: 32, 64, 128, 256 or channel
+        symmetric: true
+      - match: '.*'
+        codec: int
+        bits: 4
+        group_size: 64
+    ignore: ['layers\\.0\\.']    # regexes: modules kept in original precision
+    on_indivisible: error        # error | fallback-per-channel | fallback-group-64
+    output: {format: compressed-tensors, dtype: auto}
+    check: {sequences: 4, seq_len: 128, warn_kld: 0.5}
+
+Only decoder-block linears are quantized; embeddings, lm_head and norms always keep original precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qtool.errors import IndivisibleError, PlanError
+from qtool.formats.base import Codec
+
+METHODS = ("rtn",)
+CODECS = ("int", "nf4", "fp4")
+INT_BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128, 256)
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+ON_INDIVISIBLE = ("error", "fallback-per-channel", "fallback-group-64")
+FORMATS = ("compressed-tensors", "bnb")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+FORMAT_OF_CODEC = {"int": "compressed-tensors", "nf4": "bnb", "fp4": "bnb"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: str
+    method: str = "rtn"
+    codec: str = "int"
+    bits: int = 4
+    group_size: int = 128  # 0 = per output channel
+    symmetric: bool = True
+    clip_search: bool = False
+    block_size: int = 64  # nf4/fp4
+    double_quant: bool = False  # nf4/fp4
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What happens to one linear: the resolved rule, its codec, and any fallback that was applied."""
+
+    name: str
+    rule_index: int
+    method: str
+    codec: Codec
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    rules: tuple[Rule, ...]
+    ignore: tuple[str, ...] = ()
+    on_indivisible: str = "error"
+    output_format: str = "compressed-tensors"
+    dtype: str = "auto"
+    check_sequences: int = 4
+    check_seq_len: int = 128
+    warn_kld: float = 0.5
+    source: str = field(default="<flags>", compare=False)
+
+    def digest(self) -> str:
+        """sha256 of the plan's content (not of where it came from): keys caches and resume data."""
+        body = asdict(self)
+        body.pop("source")
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        rules = []
+        for r in self.rules:
+            d = asdict(r)
+            d["group_size"] = "channel" if r.group_size == 0 else r.group_size
+            if r.codec == "int":
+                d.pop("block_size"), d.pop("double_quant")
+            else:
+                d.pop("bits"), d.pop("group_size"), d.pop("symmetric"), d.pop("clip_search")
+            rules.append(d)
+        body = {
+            "rules": rules,
+            "ignore": list(self.ignore),
+            "on_indivisible": self.on_indivisible,
+            "output": {"format": self.output_format, "dtype": self.dtype},
+            "check": {"sequences": self.check_sequences, "seq_len": self.check_seq_len, "warn_kld": self.warn_kld},
+        }
+        return yaml.safe_dump(body, sort_keys=False)
+
+    def resolve(self, shapes: dict[str, tuple[int, int]]) -> dict[str, LayerSpec]:
+        """One LayerSpec per quantized linear (module name -> spec); ignored/unmatched modules are absent.
+
+        `shapes` maps module names (no `.weight`) to weight shapes (out, in). Indivisible group sizes are
+        handled as `on_indivisible` says; `error` raises IndivisibleError naming the layer and widths.
+        """
+        specs: dict[str, LayerSpec] = {}
+        for name in sorted(shapes):
+            if any(re.search(p, name) for p in self.ignore):
+                continue
+            for i, rule in enumerate(self.rules):
+                if re.search(rule.match, name):
+                    specs[name] = self._spec(name, i, rule, shapes[name])
+                    break
+        return specs
+
+    def _spec(self, name: str, index: int, rule: Rule, shape: tuple[int, int]) -> LayerSpec:
+        codec = make_codec(rule, self.dtype)
+        try:
+            codec.check_shape(shape)
+            return LayerSpec(name, index, rule.method, codec)
+        except IndivisibleError as e:
+            if self.on_indivisible == "error":
+                raise IndivisibleError(
+                    f"{name}: {e} (set `on_indivisible: fallback-per-channel` or `fallback-group-64` in the plan)"
+                ) from None
+            gs = 0 if self.on_indivisible == "fallback-per-channel" else 64
+            fallback = make_codec(replace(rule, group_size=gs), self.dtype)
+            try:
+                fallback.check_shape(shape)
+            except IndivisibleError:
+                fallback = make_codec(replace(rule, group_size=0), self.dtype)
+            return LayerSpec(name, index, rule.method, fallback, note=f"{codec.name} -> {fallback.name}: {e}")
+
+
+def make_codec(rule: Rule, dtype: str = "auto") -> Codec:
+    """The codec object a rule names (scales are stored in float32 unless the plan's dtype says otherwise)."""
+    if rule.codec == "int":
+        from qtool.formats.affine import AffineCodec
+
+        import torch
+
+        scale_dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                       "float16": torch.float16}[dtype]
+        return AffineCodec(bits=rule.bits, group_size=rule.group_size, symmetric=rule.symmetric,
+                           scale_dtype=scale_dtype, clip_search=rule.clip_search)
+    from qtool.formats.nf4 import NF4Codec
+
+    return NF4Codec(kind=rule.codec, block_size=rule.block_size, double_quant=rule.double_quant)
+
+
+# ----------------------------------------------------------------------------------------------- YAML edge
+
+
+class _Node:
+    """A YAML node with its location, for error messages that name file, line and field."""
+
+    def __init__(self, node: yaml.Node, path: str, where: str):
+        self.node, self.path, self.where = node, path, where
+
+    def error(self, msg: str) -> PlanError:
+        line = self.node.start_mark.line + 1
+        return PlanError(f"{self.where}:{line}: {self.path}: {msg}")
+
+    def mapping(self, allowed: tuple[str, ...]) -> dict[str, "_Node"]:
+        if not isinstance(self.node, yaml.MappingNode):
+            raise self.error("expected a mapping (key: value)")
+        out = {}
+        for k, v in self.node.value:
+            key = k.value
+            child = _Node(v, f"{self.path}.{key}" if self.path else key, self.where)
+            if key not in allowed:
+                raise _Node(k, child.path, self.where).error(f"unknown field; allowed: {', '.join(allowed)}")
+            if key in out:
+                raise _Node(k, child.path, self.where).error("field given twice")
+            out[key] = child
+        return out
+
+    def sequence(self) -> list["_Node"]:
+        if not isinstance(self.node, yaml.SequenceNode):
+            raise self.error("expected a list")
+        return [_Node(v, f"{self.path}[{i}]", self.where) for i, v in enumerate(self.node.value)]
+
+    def scalar(self) -> Any:
+        if not isinstance(self.node, yaml.ScalarNode):
+            raise self.error("expected a single value")
+        return yaml.safe_load(yaml.serialize(self.node))
+
+    def choice(self, allowed: tuple) -> Any:
+        v = self.scalar()
+        if v not in allowed:
+            raise self.error(f"{v!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+        return v
+
+    def boolean(self) -> bool:
+        v = self.scalar()
+        if not isinstance(v, bool):
+            raise self.error(f"{v!r} is not true/false")
+        return v
+
+    def number(self, kind: type, lo: float, hi: float) -> Any:
+        v = self.scalar()
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+            raise self.error(f"{v!r} is not {'an integer' if kind is int else 'a number'}")
+        if not lo <= v <= hi:
+            raise self.error(f"{v} is out of range; allowed: {lo}..{hi}")
+        return kind(v)
+
+    def regex(self) -> str:
+        v = self.scalar()
+        if not isinstance(v, str):
+            raise self.error(f"{v!r} is not a regex string")
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise self.error(f"invalid regex {v!r}: {e}") from None
+        return v
+
+
+RULE_FIELDS = ("match", "method", "codec", "bits", "group_size", "symmetric", "clip_search", "block_size",
+               "double_quant")
+
+
+def _rule(n: _Node) -> Rule:
+    f = n.mapping(RULE_FIELDS)
+    if "match" not in f:
+        raise n.error("a rule needs `match` (a regex on module names, e.g. '.*' or 'mlp\\.down_proj')")
+    kw: dict[str, Any] = {"match": f["match"].regex()}
+    if "method" in f:
+        kw["method"] = f["method"].choice(METHODS)
+    codec = kw["codec"] = f["codec"].choice(CODECS) if "codec" in f else "int"
+    int_only, nf_only = ("bits", "group_size", "symmetric", "clip_search"), ("block_size", "double_quant")
+    for key in int_only if codec != "int" else nf_only:
+        if key in f:
+            raise f[key].error(f"does not apply to codec {codec!r}")
+    if "bits" in f:
+        kw["bits"] = f["bits"].choice(INT_BITS)
+    if "group_size" in f:
+        g = f["group_size"].scalar()
+        kw["group_size"] = 0 if g in ("channel", -1) else f["group_size"].choice(GROUP_SIZES + ("channel",))
+    for key in ("symmetric", "clip_search", "double_quant"):
+        if key in f:
+            kw[key] = f[key].boolean()
+    if "block_size" in f:
+        kw["block_size"] = f["block_size"].choice(BLOCK_SIZES)
+    return Rule(**kw)
+
+
+def parse_plan(text: str, where: str = "<plan>") -> Plan:
+    """Validate a plan's YAML text; errors name `where`, the line and the field."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise PlanError(f"{where}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if root is None:
+        raise PlanError(f"{where}: the plan is empty; it needs at least `rules:`")
+    top = _Node(root, "", where).mapping(
+        ("version", "name", "description", "rules", "ignore", "on_indivisible", "output", "check"))
+    if "version" in top:
+        top["version"].choice((1,))
+    if "rules" not in top:
+        raise PlanError(f"{where}: the plan has no `rules:` list")
+    rules = tuple(_rule(r) for r in top["rules"].sequence())
+    if not rules:
+        raise top["rules"].error("needs at least one rule")
+    kw: dict[str, Any] = {"rules": rules, "source": where}
+    if "ignore" in top:
+        kw["ignore"] = tuple(n.regex() for n in top["ignore"].sequence())
+    if "on_indivisible" in top:
+        kw["on_indivisible"] = top["on_indivisible"].choice(ON_INDIVISIBLE)
+    formats = {FORMAT_OF_CODEC[r.codec] for r in rules}
+    if "output" in top:
+        out = top["output"].mapping(("format", "dtype"))
+        if "format" in out:
+            kw["output_format"] = out["format"].choice(FORMATS)
+            bad = [r.codec for r in rules if FORMAT_OF_CODEC[r.codec] != kw["output_format"]]
+            if bad:
+                raise out["format"].error(f"codec {bad[0]!r} cannot be written as {kw['output_format']!r}; "
+                                          f"it needs {FORMAT_OF_CODEC[bad[0]]!r}")
+        if "dtype" in out:
+            kw["dtype"] = out["dtype"].choice(DTYPES)
+    if "output_format" not in kw:
+        if len(formats) > 1:
+            raise top["rules"].error("rules mix int codecs (compressed-tensors) with nf4/fp4 (bitsandbytes); "
+                                     "one artifact holds one format")
+        kw["output_format"] = formats.pop()
+    if "check" in top:
+        chk = top["check"].mapping(("sequences", "seq_len", "warn_kld"))
+        if "sequences" in chk:
+            kw["check_sequences"] = chk["sequences"].number(int, 0, 64)
+        if "seq_len" in chk:
+            kw["check_seq_len"] = chk["seq_len"].number(int, 8, 4096)
+        if "warn_kld" in chk:
+            kw["warn_kld"] = chk["warn_kld"].number(float, 0.0, 100.0)
+    return Plan(**kw)
+
+
+def load_plan(path: str | Path) -> Plan:
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"{p}: plan file not found")
+    return parse_plan(p.read_text(), where=str(p))

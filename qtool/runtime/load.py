@@ -1,0 +1,104 @@
+"""qtool's own loader: any artifact qtool writes (and any float HF directory or GGUF) -> a float torch model.
+
+Quantized linears are dequantized on load, through the same codecs that wrote them; this is the model
+`qtool eval` measures. Real clients (transformers + compressed-tensors / bitsandbytes) are proven to load
+the same files by the test suite.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qtool.errors import ModelError
+from qtool.io.source import ModelSource, open_model
+
+
+def _ct_codec(qconfig: dict, module: str, scale: torch.Tensor):
+    from qtool.formats.affine import AffineCodec
+
+    for group in qconfig["config_groups"].values():
+        for target in group["targets"]:
+            hit = (target == "Linear" or target == module
+                   or (target.startswith("re:") and re.match(target[3:], module)))
+            if hit:
+                w = group["weights"]
+                gs = w.get("group_size") if w["strategy"] == "group" else 0
+                return AffineCodec(bits=w["num_bits"], group_size=gs or 0, symmetric=w["symmetric"],
+                                   scale_dtype=scale.dtype)
+    raise ModelError(f"quantization_config has no scheme for {module}")
+
+
+def _dequantized(source: ModelSource, qconfig: dict | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Float state dict of the artifact, quantized linears dequantized."""
+    names = source.names()
+    method = (qconfig or {}).get("quant_method")
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    sd: dict[str, torch.Tensor] = {}
+    if method == "compressed-tensors":
+        keys = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+    elif method == "bitsandbytes":
+        keys = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+                "weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
+    elif method is None:
+        keys = ()
+    else:
+        raise ModelError(f"{source.path}: quant_method {method!r} is not one qtool loads")
+    quantized = set()
+    if method == "compressed-tensors":
+        quantized = {n.removesuffix(".weight_packed") for n in names if n.endswith(".weight_packed")}
+    elif method == "bitsandbytes":
+        quantized = {n.split(".weight.quant_state.")[0] for n in names if ".weight.quant_state." in n}
+    for n in names:
+        module = next((n.removesuffix("." + k) for k in keys if n.endswith("." + k)
+                       and n.removesuffix("." + k) in quantized), None)
+        if module is None:
+            sd[n] = source.get(n)
+        else:
+            groups.setdefault(module, {})[n.removeprefix(module + ".")] = source.get(n)
+    for module, tensors in groups.items():
+        if method == "compressed-tensors":
+            from qtool.formats import compressed_tensors
+
+            codec = _ct_codec(qconfig, module, tensors["weight_scale"])
+            sd[module + ".weight"] = compressed_tensors.unpack(tensors, codec).dequantize()
+        else:
+            from qtool.formats import bnb
+
+            sd[module + ".weight"] = bnb.unpack(tensors).dequantize()
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, ModelSource]:
+    """(model in eval mode, tokenizer, source) for a qtool artifact, a float HF directory or a GGUF file."""
+    from transformers import AutoModelForCausalLM
+
+    source = open_model(path)
+    qconfig = None
+    if source.path.is_dir():
+        qconfig = json.loads((source.path / "config.json").read_text()).get("quantization_config")
+    cfg = source.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    sd = _dequantized(source, qconfig, dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelError(f"{source.path}: tensors do not match the architecture "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:  # computed buffers (rotary inv_freq): rebuild the owning module on CPU
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            parent_name, attr = name.rsplit(".", 1)[0].rsplit(".", 1)
+            setattr(model.get_submodule(parent_name), attr, type(owner)(config=cfg))
+    model.eval()
+    return model, source.load_tokenizer(), source
