@@ -52,12 +52,16 @@ ARCHS: dict[str, Arch] = {
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _LLAMA,
 }
+# configs built from GGUF metadata carry only a model_type
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def arch_of(config) -> Arch:
     from qtool.errors import ModelError
 
-    names = getattr(config, "architectures", None) or []
+    names = getattr(config, "architectures", None) or [MODEL_TYPES.get(config.model_type, config.model_type)]
+    if not getattr(config, "architectures", None) and names[0] in ARCHS:
+        config.architectures = names  # so the artifact's config.json names its class
     for n in names:
         if n in ARCHS:
             return ARCHS[n]

