@@ -97,12 +97,16 @@ def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _kld(logits_base: torch.Tensor, logits_q: torch.Tensor) -> tuple[float, float]:
-    lp = torch.log_softmax(logits_base.double(), -1)
-    lq = torch.log_softmax(logits_q.double(), -1)
-    kld = (lp.exp() * (lp - lq)).sum(-1).mean().item()
-    same = (lp.argmax(-1) == lq.argmax(-1)).double().mean().item() * 100
-    return kld, same
+def _kld(hf: torch.Tensor, hq: torch.Tensor, head: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(base || quantized) and same-top % of final logits, one sequence at a time (bounded memory)."""
+    kld_sum, same, n = 0.0, 0, 0
+    for a, b in zip(hf, hq):
+        lp = torch.log_softmax((a @ head.T).double(), -1)
+        lq = torch.log_softmax((b @ head.T).double(), -1)
+        kld_sum += (lp.exp() * (lp - lq)).sum().item()
+        same += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
+        n += lp.shape[0]
+    return kld_sum / n, 100.0 * same / n
 
 
 def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, check: bool = True,
@@ -232,7 +236,7 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress) -
         norm.to_empty(device="cpu")
         with torch.no_grad():
             norm.weight.copy_(norm_w)
-            kld, same = _kld(norm(xf) @ head.T, norm(xq) @ head.T)
+            kld, same = _kld(norm(xf), norm(xq), head)
         report = CheckReport(round(kld, 6), round(same, 3), [round(e, 6) for e in block_err],
                              plan.check_sequences, plan.check_seq_len, plan.warn_kld)
     return Manifest(out="", plan_digest=plan.digest(), output_format=plan.output_format,
