@@ -108,10 +108,11 @@ class Plan:
         }
         return yaml.safe_dump(body, sort_keys=False)
 
-    def resolve(self, shapes: dict[str, tuple[int, int]]) -> dict[str, LayerSpec]:
+    def resolve(self, shapes: dict[str, tuple[int, int]], dtype=None) -> dict[str, LayerSpec]:
         """One LayerSpec per quantized linear (module name -> spec); ignored/unmatched modules are absent.
 
-        `shapes` maps module names (no `.weight`) to weight shapes (out, in). Indivisible group sizes are
+        `shapes` maps module names (no `.weight`) to weight shapes (out, in); `dtype` is the artifact's float
+        dtype, which scales are stored in (loaders dequantize in the model dtype). Indivisible group sizes are
         handled as `on_indivisible` says; `error` raises IndivisibleError naming the layer and widths.
         """
         specs: dict[str, LayerSpec] = {}
@@ -120,12 +121,12 @@ class Plan:
                 continue
             for i, rule in enumerate(self.rules):
                 if re.search(rule.match, name):
-                    specs[name] = self._spec(name, i, rule, shapes[name])
+                    specs[name] = self._spec(name, i, rule, shapes[name], dtype)
                     break
         return specs
 
-    def _spec(self, name: str, index: int, rule: Rule, shape: tuple[int, int]) -> LayerSpec:
-        codec = make_codec(rule, self.dtype)
+    def _spec(self, name: str, index: int, rule: Rule, shape: tuple[int, int], dtype) -> LayerSpec:
+        codec = make_codec(rule, dtype)
         try:
             codec.check_shape(shape)
             return LayerSpec(name, index, rule.method, codec)
@@ -135,25 +136,23 @@ class Plan:
                     f"{name}: {e} (set `on_indivisible: fallback-per-channel` or `fallback-group-64` in the plan)"
                 ) from None
             gs = 0 if self.on_indivisible == "fallback-per-channel" else 64
-            fallback = make_codec(replace(rule, group_size=gs), self.dtype)
+            fallback = make_codec(replace(rule, group_size=gs), dtype)
             try:
                 fallback.check_shape(shape)
             except IndivisibleError:
-                fallback = make_codec(replace(rule, group_size=0), self.dtype)
+                fallback = make_codec(replace(rule, group_size=0), dtype)
             return LayerSpec(name, index, rule.method, fallback, note=f"{codec.name} -> {fallback.name}: {e}")
 
 
-def make_codec(rule: Rule, dtype: str = "auto") -> Codec:
-    """The codec object a rule names (scales are stored in float32 unless the plan's dtype says otherwise)."""
+def make_codec(rule: Rule, dtype=None) -> Codec:
+    """The codec object a rule names; int scales are stored in `dtype` (a torch float dtype; default float32)."""
     if rule.codec == "int":
-        from qtool.formats.affine import AffineCodec
-
         import torch
 
-        scale_dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                       "float16": torch.float16}[dtype]
+        from qtool.formats.affine import AffineCodec
+
         return AffineCodec(bits=rule.bits, group_size=rule.group_size, symmetric=rule.symmetric,
-                           scale_dtype=scale_dtype, clip_search=rule.clip_search)
+                           scale_dtype=dtype or torch.float32, clip_search=rule.clip_search)
     from qtool.formats.nf4 import NF4Codec
 
     return NF4Codec(kind=rule.codec, block_size=rule.block_size, double_quant=rule.double_quant)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from qtool.cli.common import err, human_bytes, progress_bar, user_errors, write_json
+from qtool.cli.common import err, human_bytes, out as stdout, progress_bar, user_errors, write_json
 
 EXAMPLE = """
 [bold]Example[/]: quantize SmolLM2-135M (the built-in default model) to int4, group 64, asymmetric:
@@ -39,8 +39,10 @@ def quantize(
         source = open_model(model, trust_remote_code=trust_remote_code)
         with progress_bar(json_out != "-") as progress:
             manifest = run(source, the_plan, out, force=force, check=not no_check, progress=progress)
-        _summary(manifest, verbose)
+        _summary(manifest, verbose, err if json_out == "-" else stdout)
         write_json(json_out, manifest.to_json())
+        for w in manifest.warnings:
+            err.print(f"[bold yellow]WARNING[/]: {w}")
         if manifest.check and not manifest.check.ok:
             err.print(f"[bold yellow]WARNING[/]: self-check KL divergence {manifest.check.kld:.4f} is above "
                       f"{manifest.check.warn_kld}: this artifact may produce poor or garbled output")
@@ -49,7 +51,7 @@ def quantize(
 quantize.__doc__ = "Quantize a model with a YAML plan into a safetensors artifact transformers loads.\n" + EXAMPLE
 
 
-def _summary(m, verbose: bool) -> None:
+def _summary(m, verbose: bool, console) -> None:
     t = Table(title=f"qtool quantize -> {m.out}", show_header=False)
     t.add_row("format", m.output_format)
     t.add_row("quantized params", f"{m.quantized_params:,}")
@@ -59,13 +61,13 @@ def _summary(m, verbose: bool) -> None:
     if m.check:
         t.add_row("self-check KLD", f"{m.check.kld:.5f}  ({m.check.sequences}x{m.check.seq_len} tokens)")
         t.add_row("self-check same-top", f"{m.check.same_top_pct:.1f} %")
-    err.print(t)
+    console.print(t)
     notes = [r for r in m.layers if r.note]
     if notes:
-        err.print(f"[yellow]{len(notes)} layers fell back:[/] {notes[0].name}: {notes[0].note}")
+        console.print(f"[yellow]{len(notes)} layers fell back:[/] {notes[0].name}: {notes[0].note}")
     w = Table(title="worst layers", show_header=True)
     for col in ("layer", "codec", "output rel err" if m.check else "weight rel err"):
         w.add_column(col)
     for r in m.worst_layers(len(m.layers) if verbose else 5):
         w.add_row(r.name, r.codec, f"{(r.output_rel_err if m.check else r.weight_rel_err):.4f}")
-    err.print(w)
+    console.print(w)

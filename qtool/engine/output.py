@@ -16,6 +16,7 @@ class Output:
     name: str
     pack: Callable[[QTensor, torch.dtype], dict[str, torch.Tensor]]
     config: Callable[[dict[str, LayerSpec], list[str], torch.dtype], dict]
+    warning: Callable[[dict], str | None] = lambda qconfig: None  # known loader incompatibilities
 
 
 def _ct_pack(q: QTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -30,7 +31,14 @@ def _ct_config(specs: dict[str, LayerSpec], unquantized: list[str], dtype: torch
     by_codec: dict = {}
     for name, spec in sorted(specs.items()):
         by_codec.setdefault(spec.codec, []).append(name)
-    return compressed_tensors.quantization_config(list(by_codec.items()), ignore=unquantized)
+    return compressed_tensors.quantization_config(list(by_codec.items()), ignore=unquantized,
+                                                  all_linear=sorted(specs) + unquantized)
+
+
+def _ct_warning(qconfig: dict) -> str | None:
+    from qtool.formats import compressed_tensors
+
+    return compressed_tensors.transformers_load_warning(qconfig)
 
 
 def _bnb_pack(q: QTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -51,6 +59,6 @@ def _bnb_config(specs: dict[str, LayerSpec], unquantized: list[str], dtype: torc
 
 
 OUTPUTS = {
-    "compressed-tensors": Output("compressed-tensors", _ct_pack, _ct_config),
+    "compressed-tensors": Output("compressed-tensors", _ct_pack, _ct_config, _ct_warning),
     "bnb": Output("bnb", _bnb_pack, _bnb_config),
 }

@@ -68,6 +68,7 @@ class Manifest:
     seconds: float
     layers: list[LayerReport] = field(default_factory=list)
     check: CheckReport | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def worst_layers(self, k: int = 5) -> list[LayerReport]:
         key = (lambda r: r.output_rel_err) if self.check else (lambda r: r.weight_rel_err)
@@ -128,12 +129,12 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
                 shapes[name] = source.shape(name + ".weight")
             except KeyError:
                 raise ModelError(f"{source.path}: tensor {name}.weight is missing") from None
-    specs: dict[str, LayerSpec] = plan.resolve(shapes)
+    dtype = source.dtype if plan.dtype == "auto" else getattr(torch, plan.dtype)
+    specs: dict[str, LayerSpec] = plan.resolve(shapes, dtype)
     if not specs:
         raise UsageError(f"{plan.source}: no rule matches any linear of this model "
                          f"(names look like {next(iter(shapes))})")
     prepare_output(out, force)
-    dtype = source.dtype if plan.dtype == "auto" else getattr(torch, plan.dtype)
 
     writer = HFWriter(out, force=force)
     try:
@@ -143,6 +144,8 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
         config["quantization_config"] = out_fmt.config(specs, unquantized, dtype)
+        warning = out_fmt.warning(config["quantization_config"])
+        manifest.warnings += [warning] if warning else []
         _copy_tokenizer(source, writer)
         writer.add_file("qtool_plan.yaml", plan.to_yaml())
         manifest.total_bytes = writer.total_bytes

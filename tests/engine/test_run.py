@@ -153,3 +153,21 @@ def test_mixed_plan_writes_two_schemes_transformers_loads(tiny_llama, tmp_path):
     ours, _, _ = load_model(out)
     real = AutoModelForCausalLM.from_pretrained(out)
     assert torch.allclose(_logits(ours, ids), _logits(real, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_bf16_model_and_asymmetric_load_bit_exact_in_transformers(tmp_path, sym):
+    """Scales are stored in the model dtype, and a single asymmetric scheme loads with plain from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny_llama(tmp_path / "m", dtype=torch.bfloat16)
+    out = tmp_path / "q"
+    plan = f"rules:\n  - {{match: '.*', bits: 4, group_size: 64, symmetric: {str(sym).lower()}}}\n"
+    run(open_model(model), parse_plan(plan), out, check=False)
+    sd = load_file(out / "model.safetensors")
+    assert sd["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16
+    assert ("model.layers.0.mlp.up_proj.weight_zero_point" in sd) is (not sym)
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(2))
+    ours, _, _ = load_model(out, dtype=torch.bfloat16)
+    real = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(_logits(ours, ids), _logits(real, ids))

@@ -1,0 +1,237 @@
+"""Affine integer codec with compressed-tensors semantics.
+
+Codes are **signed** b-bit integers in ``[qmin, qmax] = [-2^(b-1), 2^(b-1)-1]``, stored as int8, with one
+``scale`` and one integer ``zero`` per (row, group); groups run along the input dimension.
+
+    quantize:   q = clamp(round(w / scale + zero), qmin, qmax)      (torch.round: half to even)
+    dequantize: w' = (q - zero) * scale                              (computed in the scale's dtype)
+
+Parameter choice (``fit``), per group, on the range ``lo = min(0, min w)``, ``hi = max(0, max w)`` (zero is
+always representable):
+
+* symmetric:  ``scale = max(|lo|, hi) / qmax`` and ``zero = 0``; no code ever clips.
+* asymmetric: ``scale = (hi - lo) / (2^b - 1)`` and ``zero = clamp(round(qmin - lo / scale), qmin, qmax)``.
+
+The scale is rounded to ``scale_dtype`` first and the zero point and codes are computed from that stored
+scale, so `dequantize` returns exactly what a loader (compressed-tensors, vLLM) reconstructs. A group whose
+scale is zero (all-zero group, or an underflow in ``scale_dtype``) gets ``scale = 1``: its codes then encode
+the values exactly (0) or with an error below the group's absolute max, never NaN/Inf.
+
+``clip_search`` shrinks the range by factors ``1.0, 0.975, ..., 0.5`` and keeps, per group, the factor with
+the smallest squared reconstruction error, weighted per input column by ``importance`` when given (the MSE
+clip of GPTQ's ``mse`` option / llama.cpp's ``make_qx_quants`` search). Factor 1.0 is the plain fit, and only
+a strictly smaller error replaces it, so a clipped fit is never worse than the plain one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qtool.errors import IndivisibleError
+from qtool.formats.base import QTensor
+
+_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 ... 0.5; 1.0 first (= plain fit)
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed code range ``(qmin, qmax)`` for `bits`."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def quantize_with(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """``clamp(round(x / scale + zero), qmin, qmax)`` as int8, broadcasting `scale`/`zero` against `x`.
+
+    Works on any slice (e.g. one column with ``scale[:, g:g+1]``); computed in float32 like
+    compressed-tensors' ``quantize`` on a float32 input.
+    """
+    qmin, qmax = qrange(bits)
+    y = x.float() / scale.float() + zero.float()
+    return torch.round(y.clamp_(qmin, qmax)).to(torch.int8)
+
+
+def dequantize_with(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``(codes - zero) * scale`` computed in ``scale.dtype`` (as loaders do), returned as float32."""
+    d = codes.to(scale.dtype) - zero.to(scale.dtype)
+    return (d * scale).float()
+
+
+@dataclass(frozen=True)
+class AffineCodec:
+    """Signed affine b-bit integers, one scale/zero per (row, group) — compressed-tensors INT weights.
+
+    Fields: `bits` 2..8; `group_size` > 0 columns per group, or 0 for one group per output channel;
+    `symmetric` (zero point fixed at 0); `scale_dtype` of the stored scales (float32/float16/bfloat16);
+    `clip_search` to pick a shrunk range per group by (importance-weighted) MSE.
+
+    params: ``scale`` [out, n_groups] in `scale_dtype`, ``zero`` int8 [out, n_groups] (zeros if symmetric).
+    codes: int8 [out, in].
+    """
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    scale_dtype: torch.dtype = torch.float32
+    clip_search: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"affine codec: bits must be an integer in 2..8, got {self.bits!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
+            raise ValueError(
+                "affine codec: group_size must be a positive integer, or 0 for per-channel, "
+                f"got {self.group_size!r}"
+            )
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(
+                f"affine codec: scale_dtype must be one of float32/float16/bfloat16, got {self.scale_dtype!r}"
+            )
+
+    # ---- identity -------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """``int{bits}_{g<size>|ch}_{sym|asym}[_clip]``, e.g. ``int4_g64_asym``, ``int8_ch_sym``."""
+        group = f"g{self.group_size}" if self.group_size else "ch"
+        kind = "sym" if self.symmetric else "asym"
+        return f"int{self.bits}_{group}_{kind}" + ("_clip" if self.clip_search else "")
+
+    @property
+    def qmin(self) -> int:
+        return qrange(self.bits)[0]
+
+    @property
+    def qmax(self) -> int:
+        return qrange(self.bits)[1]
+
+    # ---- shapes ---------------------------------------------------------------------------------
+    def group_width(self, in_features: int) -> int:
+        """Columns per group for a weight with `in_features` columns."""
+        return self.group_size or in_features
+
+    def n_groups(self, in_features: int) -> int:
+        return in_features // self.group_width(in_features)
+
+    def check_shape(self, shape: tuple[int, int]) -> None:
+        """Raise `IndivisibleError` when `group_size` does not divide the input width."""
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"affine codec: expected a non-empty 2-D shape (out, in), got {tuple(shape)}")
+        out, inp = shape
+        if self.group_size and inp % self.group_size:
+            raise IndivisibleError(
+                f"group size {self.group_size} does not divide input width {inp} (weight {out}x{inp})"
+            )
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        """Exact bytes of the compressed-tensors ``pack-quantized`` tensors for a weight of `shape`.
+
+        weight_packed int32 [out, ceil(in*b/32)] + weight_scale [out, n_groups] + weight_shape int64 [2]
+        + (asymmetric only) weight_zero_point int32 [ceil(out*b/32), n_groups].
+        """
+        self.check_shape(shape)
+        out, inp = shape
+        g = self.n_groups(inp)
+        n = 4 * out * math.ceil(inp * self.bits / 32)
+        n += out * g * torch.empty((), dtype=self.scale_dtype).element_size()
+        n += 2 * 8
+        if not self.symmetric:
+            n += 4 * math.ceil(out * self.bits / 32) * g
+        return n
+
+    # ---- parameters -----------------------------------------------------------------------------
+    def _grouped(self, w: torch.Tensor) -> torch.Tensor:
+        out, inp = w.shape
+        return w.reshape(out, self.n_groups(inp), self.group_width(inp))
+
+    def params_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale in `scale_dtype`, zero int8) for per-group ranges ``lo <= 0 <= hi`` (any equal shapes)."""
+        lo, hi = lo.float(), hi.float()
+        if self.symmetric:
+            scale = torch.maximum(-lo, hi) / self.qmax
+        else:
+            scale = (hi - lo) / (2**self.bits - 1)
+        scale = scale.to(self.scale_dtype)
+        if not torch.isfinite(scale).all():
+            raise ValueError(f"affine codec: scale overflows {self.scale_dtype} (weight range too large)")
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        if self.symmetric:
+            zero = torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
+        else:
+            zero = torch.round(self.qmin - lo / scale.float()).clamp_(self.qmin, self.qmax).to(torch.int8)
+        return scale, zero
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Choose ``scale``/``zero`` per (row, group) for `w` (out, in); see the module docstring."""
+        w = self._check_weight(w)
+        wg = self._grouped(w)
+        lo = wg.amin(dim=-1).clamp(max=0.0)
+        hi = wg.amax(dim=-1).clamp(min=0.0)
+        if not self.clip_search:
+            scale, zero = self.params_from_range(lo, hi)
+            return {"scale": scale, "zero": zero}
+
+        if importance is None:
+            imp = torch.ones(1, 1, wg.shape[-1], device=w.device)
+        else:
+            imp = importance.float().to(w.device)
+            if imp.shape != (w.shape[1],) or not torch.isfinite(imp).all() or (imp < 0).any():
+                raise ValueError(
+                    f"affine codec: importance must be finite, non-negative, of shape ({w.shape[1]},), "
+                    f"got shape {tuple(importance.shape)}"
+                )
+            imp = imp.reshape(1, wg.shape[1], wg.shape[2])
+        best_err = best_scale = best_zero = None
+        for p in CLIP_GRID:
+            scale, zero = self.params_from_range(lo * p, hi * p)
+            s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+            err = ((dequantize_with(quantize_with(wg, s, z, self.bits), s, z) - wg).square_() * imp).sum(-1)
+            if best_err is None:
+                best_err, best_scale, best_zero = err, scale, zero
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+        return {"scale": best_scale, "zero": best_zero}
+
+    # ---- codes ----------------------------------------------------------------------------------
+    def column_params(
+        self, params: dict[str, torch.Tensor], in_features: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-column ``(scale, zero)``, each [out, in]: the group parameters repeated over their columns.
+
+        Slice them (``[:, j:j+1]``) to quantize single columns with `quantize_with` (GPTQ).
+        """
+        gw = self.group_width(in_features)
+        return (params["scale"].repeat_interleave(gw, dim=1), params["zero"].repeat_interleave(gw, dim=1))
+
+    def quantize(self, w: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Float weight (out, in) -> int8 codes (out, in) under fixed `params`."""
+        w = self._check_weight(w)
+        wg = self._grouped(w)
+        q = quantize_with(wg, params["scale"].unsqueeze(-1), params["zero"].unsqueeze(-1), self.bits)
+        return q.reshape(w.shape)
+
+    def encode(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QTensor:
+        """fit + quantize."""
+        params = self.fit(w, importance)
+        codes = self.quantize(w, params)
+        return QTensor(codec=self, shape=(int(w.shape[0]), int(w.shape[1])), codes=codes, params=params)
+
+    def dequantize(self, q: QTensor) -> torch.Tensor:
+        """``(codes - zero) * scale`` in the scale dtype, as float32 [out, in]."""
+        out, inp = q.shape
+        cg = q.codes.reshape(out, self.n_groups(inp), self.group_width(inp))
+        w = dequantize_with(cg, q.params["scale"].unsqueeze(-1), q.params["zero"].unsqueeze(-1))
+        return w.reshape(out, inp)
+
+    def _check_weight(self, w: torch.Tensor) -> torch.Tensor:
+        if w.ndim != 2:
+            raise ValueError(f"affine codec: expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
+        self.check_shape(tuple(w.shape))
+        w = w.float()
+        if not torch.isfinite(w).all():
+            raise ValueError("affine codec: weight contains NaN or Inf")
+        return w

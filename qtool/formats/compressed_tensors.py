@@ -1,0 +1,224 @@
+"""compressed-tensors ``pack-quantized`` on-disk layout (as compressed-tensors 0.20 writes and reads it).
+
+Per quantized Linear ``P`` (keys below are relative to ``P.``):
+
+* ``weight_packed``  int32 [out, ceil(in*b/32)]: codes + 2^(b-1) (unsigned), element i of a row at bit i*b
+  of the row's bit stream, LSB first, 32-bit words little-endian; for b in {3,5,6,7} a code may straddle two
+  words (0.20's dense layout; older releases put 32//b codes per word: stick to 2/4/8 bits for old readers).
+* ``weight_scale``   [out, n_groups] in the codec's scale dtype ([out, 1] per channel).
+* ``weight_shape``   int64 [2] = (out, in).
+* ``weight_zero_point`` (asymmetric only) the int8 zero points packed the same way along dim 0:
+  int32 [ceil(out*b/32), n_groups].
+
+The layout is the one every compressed-tensors reader (and vLLM) expects; for the asymmetric loading bug of
+transformers 5.23-5.24 and how the config works around it, see `quantization_config`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from qtool.formats.affine import AffineCodec
+from qtool.formats.base import QTensor
+
+CT_VERSION = "0.20.0"  # written as quantization_config.version: fixed so output is byte-identical across envs
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 holding unsigned 32-bit values -> int32 with the same bits."""
+    words = words & 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _layout(bits: int):
+    """For the 32 elements of one chunk (= `bits` words): word index, bit offset, and straddle mask."""
+    start = torch.arange(32, dtype=torch.int64) * bits
+    word, shift = start // 32, start % 32
+    return word, shift, shift + bits > 32
+
+
+_ROWS_ELEMS = 1 << 22  # rows are (un)packed in slices of about this many codes to bound int64 temporaries
+
+
+def _row_slices(rows: int, cols: int):
+    step = max(1, _ROWS_ELEMS // max(cols, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)] or [slice(0, 0)]
+
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed int8 codes [rows, cols] into int32 [rows, ceil(cols*bits/32)] (0.20 dense layout)."""
+    if codes.dtype != torch.int8 or codes.ndim != 2:
+        raise ValueError(f"pack_int32: expected 2-D int8 codes, got {codes.dtype} {tuple(codes.shape)}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"pack_int32: bits must be in 1..8, got {bits}")
+    half = 1 << (bits - 1)
+    if bits < 8 and ((codes < -half).any() or (codes >= half).any()):  # every int8 is a valid 8-bit code
+        raise ValueError(f"pack_int32: codes outside the signed {bits}-bit range")
+    return torch.cat([_pack_rows(codes[sl], bits) for sl in _row_slices(*codes.shape)])
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    rows, cols = codes.shape
+    u = codes.to(torch.int64) + (1 << (bits - 1))
+    n_chunks = math.ceil(cols / 32)
+    u = torch.nn.functional.pad(u, (0, n_chunks * 32 - cols)).reshape(rows, n_chunks, 32)
+    word, shift, straddle = (t.to(codes.device) for t in _layout(bits))
+    out = torch.zeros(rows, n_chunks, bits, dtype=torch.int64, device=codes.device)
+    out.index_add_(2, word, (u << shift) & 0xFFFFFFFF)
+    if straddle.any():
+        out.index_add_(2, word[straddle] + 1, u[..., straddle] >> (32 - shift[straddle]))
+    return _to_int32(out.reshape(rows, n_chunks * bits)[:, : math.ceil(cols * bits / 32)]).contiguous()
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of `pack_int32`: int32 [rows, ceil(cols*bits/32)] -> signed int8 codes [rows, cols]."""
+    if packed.dtype != torch.int32 or packed.ndim != 2:
+        raise ValueError(f"unpack_int32: expected 2-D int32, got {packed.dtype} {tuple(packed.shape)}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"unpack_int32: bits must be in 1..8, got {bits}")
+    if packed.shape[1] != math.ceil(cols * bits / 32):
+        raise ValueError(f"unpack_int32: {packed.shape[1]} words per row cannot hold {cols} {bits}-bit codes")
+    return torch.cat([_unpack_rows(packed[sl], bits, cols) for sl in _row_slices(packed.shape[0], cols)])
+
+
+def _unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    rows, n_words = packed.shape
+    n_chunks = math.ceil(cols / 32)
+    w = torch.nn.functional.pad(packed.to(torch.int64) & 0xFFFFFFFF, (0, n_chunks * bits - n_words))
+    w = w.reshape(rows, n_chunks, bits)
+    word, shift, straddle = (t.to(packed.device) for t in _layout(bits))
+    u = w[..., word] >> shift
+    if straddle.any():
+        hi = w[..., torch.clamp(word + 1, max=bits - 1)] << (32 - shift)
+        u = torch.where(straddle, u | hi, u)
+    u = (u & ((1 << bits) - 1)).reshape(rows, n_chunks * 32)[:, :cols]
+    return (u - (1 << (bits - 1))).to(torch.int8)
+
+
+def pack(q: QTensor) -> dict[str, torch.Tensor]:
+    """QTensor of an `AffineCodec` -> compressed-tensors tensors, keys relative to the module prefix."""
+    codec = q.codec
+    if not isinstance(codec, AffineCodec):
+        raise TypeError(f"compressed-tensors pack needs an AffineCodec, got {type(codec).__name__}")
+    out, inp = q.shape
+    tensors = {
+        "weight_packed": pack_int32(q.codes, codec.bits),
+        "weight_scale": q.params["scale"].to(codec.scale_dtype).contiguous(),
+        "weight_shape": torch.tensor([out, inp], dtype=torch.int64),
+    }
+    if not codec.symmetric:
+        tensors["weight_zero_point"] = pack_int32(q.params["zero"].T.contiguous(), codec.bits).T.contiguous()
+    return tensors
+
+
+def unpack(tensors: dict[str, torch.Tensor], codec: AffineCodec) -> QTensor:
+    """Exact inverse of `pack` (for files written by `pack` or by compressed-tensors itself)."""
+    out, inp = (int(v) for v in tensors["weight_shape"].tolist())
+    codec.check_shape((out, inp))
+    scale = tensors["weight_scale"]
+    if scale.shape != (out, codec.n_groups(inp)):
+        expected = (out, codec.n_groups(inp))
+        raise ValueError(f"weight_scale has shape {tuple(scale.shape)}, expected {expected}")
+    codes = unpack_int32(tensors["weight_packed"], codec.bits, inp)
+    if codec.symmetric:
+        zero = torch.zeros(scale.shape, dtype=torch.int8)
+    else:
+        zero = unpack_int32(tensors["weight_zero_point"].T.contiguous(), codec.bits, out).T.contiguous()
+    return QTensor(codec=codec, shape=(out, inp), codes=codes, params={"scale": scale, "zero": zero})
+
+
+def weight_args(codec: AffineCodec) -> dict:
+    """The ``weights`` QuantizationArgs of a config group, as compressed-tensors 0.20 serializes them."""
+    return {
+        "actorder": None,
+        "block_structure": None,
+        "dynamic": False,
+        "group_size": codec.group_size or None,
+        "num_bits": codec.bits,
+        "strategy": "group" if codec.group_size else "channel",
+        "symmetric": codec.symmetric,
+        "type": "int",
+    }
+
+
+def quantization_config(
+    schemes: list[tuple[AffineCodec, list[str]]],
+    ignore: list[str],
+    all_linear: Iterable[str] | None = None,
+) -> dict:
+    """The config.json ``quantization_config`` for `schemes` (codec, module names), keys sorted.
+
+    One config group per distinct on-disk scheme (bits, group size, symmetry; not clip_search/scale_dtype),
+    named ``group_0``, ``group_1``... in order of first appearance. Its ``targets`` are the exact module names
+    (compressed-tensors matches targets by exact module name, ``re:`` regex, or class name). When there is a
+    single group and `all_linear` (every Linear module name of the model) is given, and the group covers
+    exactly `all_linear` minus `ignore`, the target is ``["Linear"]``.
+    `ignore` lists module names left dense (e.g. ``lm_head``).
+
+    Asymmetric trap (transformers 5.23-5.24 with compressed-tensors 0.20): the default ``from_pretrained``
+    builds the model on the meta device and calls ``compress_model``, whose meta branch leaves
+    ``weight_zero_point`` unpacked [out, n_groups] while the file holds it packed [ceil(out*b/32), n_groups]
+    -> "size mismatch ... You set `ignore_mismatched_sizes` to `False`". Their ``dequantize=True`` path
+    (weights dequantized one by one while loading) is correct, but applies the *first* config group's scheme
+    to every module. So for a single asymmetric scheme this writes ``"dequantize": true``, which
+    ``CompressedTensorsConfig`` reads from config.json (5.20-5.24 load it bit-exactly; readers that do not
+    know the key, vLLM and compressed-tensors itself, ignore it). A mixed config with an asymmetric group
+    has no such fix: see `transformers_load_warning`.
+    """
+    merged: dict[tuple, list[str]] = {}  # on-disk scheme (clip_search/scale_dtype do not change it) -> names
+    seen: set[str] = set()
+    for codec, names in schemes:
+        for n in names:
+            if n in seen:
+                raise ValueError(f"module {n!r} appears in more than one quantization scheme")
+            seen.add(n)
+        merged.setdefault(tuple(weight_args(codec).items()), []).extend(names)
+    if not merged or not seen:
+        raise ValueError("quantization_config needs at least one quantized module")
+    if seen & set(ignore):
+        raise ValueError(f"modules both quantized and ignored: {sorted(seen & set(ignore))}")
+    single_all = len(merged) == 1 and all_linear is not None and seen == set(all_linear) - set(ignore)
+    groups = {}
+    for i, (args, names) in enumerate(merged.items()):
+        groups[f"group_{i}"] = {
+            "format": "pack-quantized",
+            "input_activations": None,
+            "output_activations": None,
+            "targets": ["Linear"] if single_all else sorted(names),
+            "weights": dict(args),
+        }
+    cfg = {
+        "config_groups": groups,
+        "format": "pack-quantized",
+        "global_compression_ratio": None,
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": CT_VERSION,
+    }
+    if len(groups) == 1 and not groups["group_0"]["weights"]["symmetric"]:
+        cfg["dequantize"] = True
+    return dict(sorted(cfg.items()))
+
+
+def transformers_load_warning(config: dict) -> str | None:
+    """A user-facing warning when transformers 5.23-5.24 cannot load `config` (a `quantization_config`).
+
+    That is a mixed config (several groups) with an asymmetric group: the default load fails on the packed
+    zero point and ``dequantize=True`` silently dequantizes every layer with the first group's scheme.
+    vLLM and transformers <= 5.22 load it correctly.
+    """
+    groups = config.get("config_groups", {})
+    if len(groups) > 1 and any(not g["weights"]["symmetric"] for g in groups.values()):
+        return (
+            "mixed compressed-tensors schemes with an asymmetric group do not load in transformers 5.23-5.24 "
+            "(zero-point size mismatch; dequantize=True applies the first group's scheme to all layers); "
+            "vLLM and transformers <= 5.22 load them. Use symmetric schemes for transformers 5.23-5.24."
+        )
+    return None
