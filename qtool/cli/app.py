@@ -15,6 +15,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    epilog="Example: qtool quantize smollm2-135m --plan configs/w4a16-g64.yaml --out build/q && "
+           "qtool eval build/q --base smollm2-135m --chunks 20",
 )
 app.command("quantize", no_args_is_help=True)(quantize_cmd.quantize)
 app.command("eval", no_args_is_help=True)(eval_cmd.evaluate)

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qtool.errors import QtoolError
@@ -26,7 +27,7 @@ def user_errors(verbose: bool) -> Iterator[None]:
     except QtoolError as e:
         if verbose:
             err.print_exception()
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: nothing was written")
@@ -45,8 +46,27 @@ def progress_bar(enabled: bool = True) -> Iterator:
             tasks[stage] = bar.add_task(stage, total=total)
         bar.update(tasks[stage], completed=done, total=total)
 
-    with bar:
-        yield update
+    def update_lazily(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()  # the bar appears with the first step, so early errors print alone
+        update(stage, done, total)
+
+    try:
+        yield update_lazily
+    finally:
+        bar.stop()
+
+
+def warn(msg: str) -> None:
+    err.print(f"[bold yellow]WARNING[/]: {escape(msg)}", highlight=False, soft_wrap=True)
+
+
+def check_json_dest(dest: str | None) -> None:
+    """Fail before any work when `--json FILE` cannot be written."""
+    from qtool.errors import UsageError
+
+    if dest not in (None, "-") and not Path(dest).parent.is_dir():
+        raise UsageError(f"--json {dest}: directory {Path(dest).parent} does not exist")
 
 
 def write_json(dest: str | None, payload: dict) -> None:

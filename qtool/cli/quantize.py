@@ -8,10 +8,13 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from qtool.cli.common import err, human_bytes, out as stdout, progress_bar, user_errors, write_json
+from rich.markup import escape
+
+from qtool.cli.common import (check_json_dest, err, human_bytes, out as stdout, progress_bar, user_errors,
+                               warn, write_json)
 
 EXAMPLE = """
-[bold]Example[/]: quantize SmolLM2-135M (the built-in default model) to int4, group 64, asymmetric:
+[bold]Example[/]: quantize SmolLM2-135M (the built-in default model) to int4, group 64, symmetric with MSE clipping:
 
   qtool quantize smollm2-135m --plan configs/w4a16-g64.yaml --out build/smollm2-w4g64
   qtool eval build/smollm2-w4g64 --base smollm2-135m --text wikitext2-test.txt --chunks 20
@@ -27,7 +30,7 @@ def quantize(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the built-in quality self-check.")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write results as JSON to a file ('-' = stdout).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the checkpoint.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the checkpoint.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show details and tracebacks.")] = False,
 ) -> None:
     with user_errors(verbose):
@@ -35,6 +38,7 @@ def quantize(
         from qtool.io.source import open_model
         from qtool.plan import load_plan
 
+        check_json_dest(json_out)
         the_plan = load_plan(plan)
         source = open_model(model, trust_remote_code=trust_remote_code)
         with progress_bar(json_out != "-") as progress:
@@ -42,17 +46,17 @@ def quantize(
         _summary(manifest, verbose, err if json_out == "-" else stdout)
         write_json(json_out, manifest.to_json())
         for w in manifest.warnings:
-            err.print(f"[bold yellow]WARNING[/]: {w}")
+            warn(w)
         if manifest.check and not manifest.check.ok:
-            err.print(f"[bold yellow]WARNING[/]: self-check KL divergence {manifest.check.kld:.4f} is above "
-                      f"{manifest.check.warn_kld}: this artifact may produce poor or garbled output")
+            warn(f"self-check KL divergence {manifest.check.kld:.4f} is above {manifest.check.warn_kld}: "
+                 "this artifact may produce poor or garbled output")
 
 
 quantize.__doc__ = "Quantize a model with a YAML plan into a safetensors artifact transformers loads.\n" + EXAMPLE
 
 
 def _summary(m, verbose: bool, console) -> None:
-    t = Table(title=f"qtool quantize -> {m.out}", show_header=False)
+    t = Table(title=escape(f"qtool quantize -> {m.out}"), show_header=False)
     t.add_row("format", m.output_format)
     t.add_row("quantized params", f"{m.quantized_params:,}")
     t.add_row("quantized bytes", f"{human_bytes(m.quantized_bytes)} ({m.bits_per_weight:.3f} bits/weight)")

@@ -116,7 +116,10 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
     t0 = time.perf_counter()
     progress = progress or (lambda stage, done, total: None)
     cfg = source.config
-    arch = arch_of(cfg)
+    try:
+        arch = arch_of(cfg)
+    except ModelError as e:
+        raise ModelError(f"{source.path}: {e}") from None
     n_layers = cfg.num_hidden_layers
     out_fmt = OUTPUTS[plan.output_format]
 
@@ -134,9 +137,10 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
     if not specs:
         raise UsageError(f"{plan.source}: no rule matches any linear of this model "
                          f"(names look like {next(iter(shapes))})")
-    prepare_output(out, force)
+    inputs = (source.path,) + ((Path(plan.source),) if plan.source != "<flags>" else ())
+    prepare_output(out, force, inputs)
 
-    writer = HFWriter(out, force=force)
+    writer = HFWriter(out, force=force, inputs=inputs)
     try:
         manifest = _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress)
         unquantized = sorted(set(shapes) - set(specs)) + ["lm_head"]

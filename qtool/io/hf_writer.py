@@ -19,8 +19,13 @@ from safetensors.torch import save_file
 from qtool.errors import UsageError
 
 
-def prepare_output(out: Path, force: bool) -> None:
-    """Refuse an existing output unless `force` (checked before any work starts)."""
+def prepare_output(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse an existing output unless `force`, and any output that is or holds an input (checked first)."""
+    target = out.resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if p == target or target in p.parents:
+            raise UsageError(f"{out}: the output would overwrite the input {p}; choose another --out")
     if out.exists() and not force:
         raise UsageError(f"{out}: already exists; pass --force to replace it")
     if not out.parent.exists():
@@ -28,8 +33,9 @@ def prepare_output(out: Path, force: bool) -> None:
 
 
 class HFWriter:
-    def __init__(self, out: Path, force: bool = False, max_shard_bytes: int = 1 << 30):
-        prepare_output(out, force)
+    def __init__(self, out: Path, force: bool = False, max_shard_bytes: int = 1 << 30,
+                 inputs: tuple[Path, ...] = ()):
+        prepare_output(out, force, inputs)
         self.out, self.force, self.max_shard_bytes = out, force, max_shard_bytes
         self.tmp = out.parent / f".{out.name}.qtool-tmp-{os.getpid()}"
         if self.tmp.exists():

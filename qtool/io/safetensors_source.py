@@ -34,12 +34,18 @@ def read_header(f: Path) -> dict:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelError(f"{f}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{f}: corrupt safetensors header: not a JSON object")
     data = size - 8 - n
     end = 0
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        lo, hi = info["data_offsets"]
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ModelError(f"{f}: corrupt safetensors header: tensor {name} has no valid data_offsets")
+        lo, hi = offsets
         if hi > data:
             raise ModelError(f"{f}: truncated: tensor {name} ends at byte {hi} of the data section, "
                              f"which has only {data} bytes")
@@ -53,7 +59,9 @@ class SafetensorsSource:
     def __init__(self, path: Path, trust_remote_code: bool = False):
         self.path = path
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: no config.json: not a Hugging Face model directory")
+            pickles = sorted(p.name for p in (*path.glob("*.bin"), *path.glob("*.pt")))
+            hint = f" (and {pickles[0]} is a pickle checkpoint, which qtool never loads)" if pickles else ""
+            raise ModelError(f"{path}: no config.json: not a Hugging Face model directory{hint}")
         index = path / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -76,6 +84,10 @@ class SafetensorsSource:
             for name, info in read_header(f).items():
                 if name != "__metadata__":
                     self._file_of[name], self._info[name] = f, info
+            try:  # safetensors' own check of dtypes, shapes and offsets against each other
+                safe_open(str(f), framework="pt")
+            except Exception as e:
+                raise ModelError(f"{f}: corrupt safetensors file: {e}") from None
         try:
             from transformers import AutoConfig
 

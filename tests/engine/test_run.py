@@ -171,3 +171,22 @@ def test_bf16_model_and_asymmetric_load_bit_exact_in_transformers(tmp_path, sym)
     ours, _, _ = load_model(out, dtype=torch.bfloat16)
     real = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(_logits(ours, ids), _logits(real, ids))
+
+
+def test_nf4_plan_loads_in_transformers_with_bitsandbytes(tiny_llama, tmp_path):
+    """The shipped NF4 plan (double quant) through the engine; transformers + bitsandbytes load it on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    from qtool.plan import load_plan
+
+    out = tmp_path / "q"
+    m = run(open_model(tiny_llama), load_plan(Path(__file__).parents[2] / "configs" / "nf4.yaml"), out,
+            check=False)
+    assert {r.codec for r in m.layers} == {"nf4_b64_dq"}
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "bitsandbytes" and cfg["bnb_4bit_use_double_quant"] is True
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(3))
+    ours, _, _ = load_model(out)
+    real = AutoModelForCausalLM.from_pretrained(out)
+    a, b = _logits(ours, ids), _logits(real, ids)
+    assert ((a - b).norm() / b.norm()).item() < 1.5e-2  # bnb's CPU kernel computes in bf16
