@@ -26,9 +26,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -105,16 +105,17 @@ def _scored_logits(model, tokens, ctx, n, bos, batch_size):
         kw["logits_to_keep"] = n_pos + 1
     if _accepts(model, "use_cache"):
         kw["use_cache"] = False
+    dev = getattr(model, "device", None)
     with torch.inference_mode():
         for s in range(0, n, batch_size):
             b = min(batch_size, n - s)
             x = tokens[s * ctx:(s + b) * ctx].view(b, ctx).clone()
             if bos is not None:
                 x[:, 0] = bos
-            logits = model(input_ids=x, **kw).logits[:, -(n_pos + 1):-1]
+            logits = model(input_ids=x.to(dev), **kw).logits[:, -(n_pos + 1):-1]
             for j in range(b):
                 c = (s + j) * ctx
-                yield s + j, logits[j].float(), tokens[c + first + 1:c + ctx]
+                yield s + j, logits[j].float().cpu(), tokens[c + first + 1:c + ctx]
 
 
 class _Stats:
@@ -137,7 +138,7 @@ class _Stats:
 
 
 def evaluate(model, tokens: torch.Tensor, ctx: int = 512, n_chunks: int | None = None,
-             base: "BaseLogits | None" = None, progress: Progress = None, *,
+             base: BaseLogits | None = None, progress: Progress = None, *,
              bos_token_id: int | None = None, batch_size: int = 1) -> EvalResult:
     """Score `model` (any HF causal LM) on `tokens`; with `base`, also KLD and same-top % against it.
 
@@ -161,7 +162,7 @@ def evaluate(model, tokens: torch.Tensor, ctx: int = 512, n_chunks: int | None =
         if progress:
             progress(1)
     ppl, ppl_err = st.ppl()
-    res = dict(ppl=ppl, ppl_stderr=ppl_err, n_tokens_scored=st.count, n_chunks=n, ctx=ctx)
+    res = {"ppl": ppl, "ppl_stderr": ppl_err, "n_tokens_scored": st.count, "n_chunks": n, "ctx": ctx}
     if base is not None:
         k = torch.cat(klds).numpy()
         res.update(base_ppl=base.ppl, kld_mean=float(k.mean()),
@@ -243,7 +244,7 @@ class BaseLogits:
         return hashlib.sha256(body.encode()).hexdigest()[:40]
 
     @classmethod
-    def load(cls, key: str, cache_dir: Path | str | None = None) -> "BaseLogits | None":
+    def load(cls, key: str, cache_dir: Path | str | None = None) -> BaseLogits | None:
         """The cache entry `key`, or None if absent or unreadable."""
         d = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         npy, meta = d / f"{key}.npy", d / f"{key}.json"
@@ -257,7 +258,7 @@ class BaseLogits:
     @classmethod
     def build(cls, model, tokens: torch.Tensor, *, digest: str, ctx: int = 512, n_chunks: int | None = None,
               cache_dir: Path | str | None = None, bos_token_id: int | None = None,
-              progress: Progress = None, batch_size: int = 1) -> "BaseLogits":
+              progress: Progress = None, batch_size: int = 1) -> BaseLogits:
         """Run the base over the chunks and write the cache entry (replacing any old one)."""
         tokens = tokens.reshape(-1).to(torch.long)
         n = resolve_chunks(tokens.numel(), ctx, n_chunks)
@@ -290,9 +291,10 @@ class BaseLogits:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
         ppl, ppl_err = st.ppl()
-        meta = dict(format=CACHE_FORMAT, key=key, digest=digest, tokens_sha256=tokens_sha256(tokens), ctx=ctx,
-                    n_chunks=n, n_pos=n_pos, n_vocab=shape[-1] - HEADER, bos_token_id=bos_token_id,
-                    ppl=ppl, ppl_stderr=ppl_err, n_tokens_scored=st.count, logp_range=LOGP_RANGE)
+        meta = {"format": CACHE_FORMAT, "key": key, "digest": digest, "tokens_sha256": tokens_sha256(tokens),
+                "ctx": ctx, "n_chunks": n, "n_pos": n_pos, "n_vocab": shape[-1] - HEADER,
+                "bos_token_id": bos_token_id, "ppl": ppl, "ppl_stderr": ppl_err, "n_tokens_scored": st.count,
+                "logp_range": LOGP_RANGE}
         tmp = d / f"{key}.{os.getpid()}.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, d / f"{key}.json")
@@ -302,7 +304,7 @@ class BaseLogits:
     def get_or_build(cls, model, tokens: torch.Tensor, *, digest: str, ctx: int = 512,
                      n_chunks: int | None = None, cache_dir: Path | str | None = None,
                      bos_token_id: int | None = None, progress: Progress = None,
-                     batch_size: int = 1) -> "BaseLogits":
+                     batch_size: int = 1) -> BaseLogits:
         """Load the entry for (digest, tokens, ctx, chunks actually scored, BOS) or build it.
 
         `model` is a model or a zero-argument callable returning one (called only on a miss).
@@ -351,14 +353,16 @@ def generate_text(model, tokenizer, n_tokens: int, seed: int = 0, *, seq_len: in
     gen = torch.Generator().manual_seed(seed)
     cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"
     lengths = [min(seq_len, n_tokens - k) for k in range(0, n_tokens, seq_len)]
+    dev = getattr(model, "device", None)
     texts = []
     with torch.inference_mode():
         for b0 in range(0, len(lengths), batch_size):
             lens = lengths[b0:b0 + batch_size]
-            out = model(input_ids=torch.full((len(lens), 1), start, dtype=torch.long), use_cache=True)
+            first = torch.full((len(lens), 1), start, dtype=torch.long, device=dev)
+            out = model(input_ids=first, use_cache=True)
             steps = []
             for t in range(max(lens)):
-                logits = out.logits[:, -1].float() / temperature
+                logits = out.logits[:, -1].float().cpu() / temperature
                 vocab = logits.shape[-1]
                 logits[:, [i for i in banned if i < vocab]] = float("-inf")
                 if top_k:
@@ -368,7 +372,8 @@ def generate_text(model, tokenizer, n_tokens: int, seed: int = 0, *, seq_len: in
                 steps.append(nxt)
                 if t + 1 < max(lens):
                     past = out.cache if hasattr(out, "cache") else out.past_key_values
-                    out = model(input_ids=nxt, use_cache=True, **{cache_kw: past})
+                    out = model(input_ids=nxt.to(dev), use_cache=True, **{cache_kw: past})
             ids = torch.cat(steps, dim=1)
-            texts += [tokenizer.decode(ids[j, :n].tolist(), skip_special_tokens=True) for j, n in enumerate(lens)]
+            texts += [tokenizer.decode(ids[j, :k].tolist(), skip_special_tokens=True)
+                      for j, k in enumerate(lens)]
     return "\n\n".join(texts)
