@@ -101,7 +101,7 @@ def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
 def _kld(hf: torch.Tensor, hq: torch.Tensor, head: torch.Tensor) -> tuple[float, float]:
     """Mean KL(base || quantized) and same-top % of final logits, one sequence at a time (bounded memory)."""
     kld_sum, same, n = 0.0, 0, 0
-    for a, b in zip(hf, hq):
+    for a, b in zip(hf.reshape(-1, hf.shape[-1]).split(64), hq.reshape(-1, hq.shape[-1]).split(64)):
         lp = torch.log_softmax((a @ head.T).double(), -1)
         lq = torch.log_softmax((b @ head.T).double(), -1)
         kld_sum += (lp.exp() * (lp - lq)).sum().item()
