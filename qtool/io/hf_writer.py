@@ -33,7 +33,7 @@ def prepare_output(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Non
 
 
 class HFWriter:
-    def __init__(self, out: Path, force: bool = False, max_shard_bytes: int = 1 << 30,
+    def __init__(self, out: Path, force: bool = False, max_shard_bytes: int = 512 << 20,
                  inputs: tuple[Path, ...] = ()):
         prepare_output(out, force, inputs)
         self.out, self.force, self.max_shard_bytes = out, force, max_shard_bytes
