@@ -42,7 +42,8 @@ def evaluate(
         if text is not None and not text.is_file():
             raise UsageError(f"{text}: evaluation text not found")
         base_src = open_model(base) if base else None  # fail fast on a bad base path
-        m, tok, _ = load_model(model)
+        with err.status(f"loading {escape(model)}"):
+            m, tok, _ = load_model(model)
         with progress_bar(json_out != "-") as progress:
             if text is not None:
                 body, text_name = text.read_text(), str(text)

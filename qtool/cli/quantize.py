@@ -40,7 +40,9 @@ def quantize(
 
         check_json_dest(json_out)
         the_plan = load_plan(plan)
-        source = open_model(model, trust_remote_code=trust_remote_code)
+        with err.status(f"reading {escape(model)}"):
+            source = open_model(model, trust_remote_code=trust_remote_code)
+            source.config  # GGUF metadata is parsed here (seconds for a large vocabulary)
         with progress_bar(json_out != "-") as progress:
             manifest = run(source, the_plan, out, force=force, check=not no_check, progress=progress)
         _summary(manifest, verbose, err if json_out == "-" else stdout)
