@@ -36,7 +36,7 @@ import yaml
 from qtool.errors import IndivisibleError, PlanError
 from qtool.formats.base import Codec
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 CODECS = ("int", "nf4", "fp4")
 INT_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, 256)
@@ -58,6 +58,20 @@ class Rule:
     clip_search: bool = False
     block_size: int = 64  # nf4/fp4
     double_quant: bool = False  # nf4/fp4
+    damp: float = 0.01  # gptq: fraction of mean(diag H) added to the diagonal
+    act_order: bool = False  # gptq: visit columns by decreasing diag(H) (groups then static)
+    static_groups: bool = False  # gptq: fit group parameters on the original weights
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where calibration activations come from: a text/jsonl file path, or `generated` (sampled from the
+    model itself, seeded: works offline)."""
+
+    source: str = "generated"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,7 @@ class LayerSpec:
     method: str
     codec: Codec
     note: str = ""
+    rule: Rule | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +96,12 @@ class Plan:
     check_sequences: int = 4
     check_seq_len: int = 128
     warn_kld: float = 0.5
+    calibration: Calibration = Calibration()
     source: str = field(default="<flags>", compare=False)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(r.method == "gptq" for r in self.rules)
 
     def digest(self) -> str:
         """sha256 of the plan's content (not of where it came from): keys caches and resume data."""
@@ -98,6 +118,8 @@ class Plan:
                 d.pop("block_size"), d.pop("double_quant")
             else:
                 d.pop("bits"), d.pop("group_size"), d.pop("symmetric"), d.pop("clip_search")
+            if r.method != "gptq":
+                d.pop("damp"), d.pop("act_order"), d.pop("static_groups")
             rules.append(d)
         body = {
             "rules": rules,
@@ -106,6 +128,8 @@ class Plan:
             "output": {"format": self.output_format, "dtype": self.dtype},
             "check": {"sequences": self.check_sequences, "seq_len": self.check_seq_len, "warn_kld": self.warn_kld},
         }
+        if self.needs_calibration:
+            body["calibration"] = asdict(self.calibration)
         return yaml.safe_dump(body, sort_keys=False)
 
     def resolve(self, shapes: dict[str, tuple[int, int]], dtype=None) -> dict[str, LayerSpec]:
@@ -129,7 +153,7 @@ class Plan:
         codec = make_codec(rule, dtype)
         try:
             codec.check_shape(shape)
-            return LayerSpec(name, index, rule.method, codec)
+            return LayerSpec(name, index, rule.method, codec, rule=rule)
         except IndivisibleError as e:
             if self.on_indivisible == "error":
                 raise IndivisibleError(
@@ -141,7 +165,7 @@ class Plan:
                 fallback.check_shape(shape)
             except IndivisibleError:
                 fallback = make_codec(replace(rule, group_size=0), dtype)
-            return LayerSpec(name, index, rule.method, fallback, note=f"{codec.name} -> {fallback.name}: {e}")
+            return LayerSpec(name, index, rule.method, fallback, note=f"{codec.name} -> {fallback.name}: {e}", rule=rule)
 
 
 def make_codec(rule: Rule, dtype=None) -> Codec:
@@ -227,7 +251,8 @@ class _Node:
 
 
 RULE_FIELDS = ("match", "method", "codec", "bits", "group_size", "symmetric", "clip_search", "block_size",
-               "double_quant")
+               "double_quant", "damp", "act_order", "static_groups")
+GPTQ_FIELDS = ("damp", "act_order", "static_groups")
 
 
 def _rule(n: _Node) -> Rule:
@@ -247,7 +272,14 @@ def _rule(n: _Node) -> Rule:
     if "group_size" in f:
         g = f["group_size"].scalar()
         kw["group_size"] = 0 if g in ("channel", -1) else f["group_size"].choice(GROUP_SIZES + ("channel",))
-    for key in ("symmetric", "clip_search", "double_quant"):
+    if kw.get("method") == "gptq" and codec != "int":
+        raise f["method"].error(f"gptq quantizes through int codecs; codec {codec!r} is not supported")
+    for key in GPTQ_FIELDS:
+        if key in f and kw.get("method") != "gptq":
+            raise f[key].error("applies only to method gptq")
+    if "damp" in f:
+        kw["damp"] = f["damp"].number(float, 0.0, 1.0)
+    for key in ("symmetric", "clip_search", "double_quant", "act_order", "static_groups"):
         if key in f:
             kw[key] = f[key].boolean()
     if "block_size" in f:
@@ -266,7 +298,7 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
     if root is None:
         raise PlanError(f"{where}: the plan is empty; it needs at least `rules:`")
     top = _Node(root, "", where).mapping(
-        ("version", "name", "description", "rules", "ignore", "on_indivisible", "output", "check"))
+        ("version", "name", "description", "rules", "ignore", "on_indivisible", "output", "check", "calibration"))
     if "version" in top:
         top["version"].choice((1,))
     if "rules" not in top:
@@ -303,6 +335,21 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
             kw["check_seq_len"] = chk["seq_len"].number(int, 8, 4096)
         if "warn_kld" in chk:
             kw["warn_kld"] = chk["warn_kld"].number(float, 0.0, 100.0)
+    if "calibration" in top:
+        cal = top["calibration"].mapping(("source", "samples", "seq_len", "seed"))
+        ckw: dict[str, Any] = {}
+        if "source" in cal:
+            v = cal["source"].scalar()
+            if not isinstance(v, str) or not v:
+                raise cal["source"].error("expected a file path or `generated`")
+            ckw["source"] = v
+        if "samples" in cal:
+            ckw["samples"] = cal["samples"].number(int, 1, 100_000)
+        if "seq_len" in cal:
+            ckw["seq_len"] = cal["seq_len"].number(int, 8, 32768)
+        if "seed" in cal:
+            ckw["seed"] = cal["seed"].number(int, 0, 2**31 - 1)
+        kw["calibration"] = Calibration(**ckw)
     return Plan(**kw)
 
 

@@ -46,6 +46,10 @@ rules:
         (GOOD + "on_indivisible: pad\n", 6, "on_indivisible: 'pad' is not allowed"),
         (GOOD + "output: {format: bnb}\n", 6, "output.format: codec 'int' cannot be written as 'bnb'"),
         ("rules: []\n", 1, "rules: needs at least one rule"),
+        (GOOD + "    damp: 0.1\n", 6, "rules[0].damp: applies only to method gptq"),
+        (GOOD.replace("codec: int", "codec: nf4\n    method: gptq").replace("    bits: 4\n    group_size: 64\n", ""),
+         4, "gptq quantizes through int codecs"),
+        (GOOD + "calibration: {samples: 0}\n", 6, "calibration.samples: 0 is out of range"),
         ("rules:\n  - codec: int\n", 2, "rules[0]: a rule needs `match`"),
     ],
 )
@@ -112,3 +116,12 @@ def test_digest_ignores_where_the_plan_came_from(tmp_path):
     p.write_text(GOOD)
     assert load_plan(p).digest() == parse_plan(GOOD).digest()
     assert parse_plan(GOOD.replace("bits: 4", "bits: 8")).digest() != parse_plan(GOOD).digest()
+
+
+def test_gptq_plan_round_trips_with_calibration():
+    text = GOOD.replace("codec: int", "codec: int\n    method: gptq\n    act_order: true\n    damp: 0.05") + \
+        "calibration: {source: data.txt, samples: 16, seq_len: 64, seed: 3}\n"
+    plan = parse_plan(text)
+    assert plan.needs_calibration and plan.calibration.samples == 16 and plan.rules[0].damp == 0.05
+    again = parse_plan(plan.to_yaml())
+    assert again.digest() == plan.digest() and again.calibration == plan.calibration

@@ -28,18 +28,27 @@ def quantize(
     plan: Annotated[Path, typer.Option("--plan", "-p", help="YAML quant plan (see configs/).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")],
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text file (overrides the plan's source).")] = None,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the built-in quality self-check.")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write results as JSON to a file ('-' = stdout).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the checkpoint.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show details and tracebacks.")] = False,
 ) -> None:
     with user_errors(verbose):
+        import dataclasses
+
         from qtool.engine.run import run
+        from qtool.errors import UsageError
         from qtool.io.source import open_model
         from qtool.plan import load_plan
 
         check_json_dest(json_out)
         the_plan = load_plan(plan)
+        if calib is not None:
+            if not calib.is_file():
+                raise UsageError(f"--calib {calib}: file not found")
+            the_plan = dataclasses.replace(
+                the_plan, calibration=dataclasses.replace(the_plan.calibration, source=str(calib)))
         with err.status(f"reading {escape(model)}"):
             source = open_model(model, trust_remote_code=trust_remote_code)
             source.config  # GGUF metadata is parsed here (seconds for a large vocabulary)

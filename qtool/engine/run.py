@@ -175,6 +175,31 @@ def _copy_tokenizer(source: ModelSource, writer: HFWriter) -> None:
             writer.add_file(fname, (src_dir / fname).read_bytes())
 
 
+def _quantize_linear(block, prefix, lin, spec, hessian, x, writer, out_fmt, dtype) -> LayerReport:
+    """Quantize one linear through its method and codec, write it, and leave its dequantized weight in
+    the block so the activations that follow see the quantized model."""
+    p = block.get_submodule(lin).weight
+    module = prefix + lin
+    w = _finite(module + ".weight", p.detach())
+    method = METHODS[spec.method]
+    note = spec.note
+    if method.NEEDS:
+        qt, rep = method.quantize(w, spec.codec, hessian, method.params_of(spec))
+        note = "; ".join(filter(None, [note, rep.note]))
+    else:
+        qt = method.quantize(w, spec.codec)
+    wq = qt.dequantize()
+    for key, t in out_fmt.pack(qt, dtype).items():
+        writer.add(f"{module}.{key}", t)
+    report = LayerReport(module, spec.codec.name, spec.codec.nbytes(qt.shape),
+                         ((w - wq).norm() / w.norm().clamp_min(1e-12)).item(), note=note)
+    if x is not None:
+        report.output_rel_err = ((x @ (w - wq).T).norm() / (x @ w.T).norm().clamp_min(1e-12)).item()
+    with torch.no_grad():
+        p.copy_(wq)
+    return report
+
+
 def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress) -> Manifest:
     cfg = source.config
     n_layers = cfg.num_hidden_layers
@@ -183,15 +208,24 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress) -
     embed = _finite(arch.embed, source.get(arch.embed))
     writer.add(arch.embed, embed.to(dtype))
     check = check and plan.check_sequences > 0
+    tokenizer = source.load_tokenizer() if check or plan.needs_calibration else None
     if check:
-        ids = check_tokens(source.load_tokenizer(), plan.check_sequences, plan.check_seq_len)
+        ids = check_tokens(tokenizer, plan.check_sequences, plan.check_seq_len)
         xf = embed[ids].float()
         xq = xf.clone()
         runner = BlockRunner(skel, cfg, plan.check_seq_len)
+    xc = None
+    if plan.needs_calibration:
+        from qtool.calib.data import calibration_tokens
+
+        progress("calibrate", 0, 1)
+        cids = calibration_tokens(source, plan.calibration, tokenizer)
+        xc = embed[cids].float()  # the calibration stream: quantized blocks' outputs feed the next block
+        crunner = BlockRunner(skel, cfg, plan.calibration.seq_len)
+        progress("calibrate", 1, 1)
     del embed
     reports: list[LayerReport] = []
     block_err: list[float] = []
-    q_params = q_bytes = 0
     for i in range(n_layers):
         prefix = arch.block_prefix(i)
         block = materialize(skel.get_submodule(prefix.rstrip(".")), prefix, source)
@@ -204,34 +238,28 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress) -
             for h in hooks:
                 h.remove()
         for name, p in block.named_parameters():
-            full = prefix + name
-            module = full.removesuffix(".weight")
-            spec = specs.get(module) if name.endswith(".weight") else None
-            w = _finite(full, p.detach())
-            if spec is None:
-                writer.add(full, w.to(dtype))
-                continue
-            qt = METHODS[spec.method].quantize(w, spec.codec)
-            wq = qt.dequantize()
-            for key, t in out_fmt.pack(qt, dtype).items():
-                writer.add(f"{module}.{key}", t)
-            rep = LayerReport(module, spec.codec.name, spec.codec.nbytes(qt.shape),
-                              ((w - wq).norm() / w.norm().clamp_min(1e-12)).item(), note=spec.note)
-            lin = module.removeprefix(prefix)
-            if lin in inputs:
-                x = inputs[lin]
-                rep.output_rel_err = ((x @ (w - wq).T).norm() / (x @ w.T).norm().clamp_min(1e-12)).item()
-            with torch.no_grad():
-                p.copy_(wq)
-            reports.append(rep)
-            q_params += w.numel()
-            q_bytes += rep.bytes
+            if prefix + name.removesuffix(".weight") not in specs or not name.endswith(".weight"):
+                writer.add(prefix + name, _finite(prefix + name, p.detach()).to(dtype))
+        for group in arch.linear_groups:  # true-sequential: later groups see earlier groups quantized
+            members = [lin for lin in group if prefix + lin in specs]
+            hessians = {}
+            if xc is not None and any(METHODS[specs[prefix + lin].method].NEEDS for lin in members):
+                from qtool.calib.hessian import HessianCollector
+
+                hessians = HessianCollector(block, members).run(lambda b: crunner(block, b), xc.split(8))
+            for lin in members:
+                reports.append(_quantize_linear(block, prefix, lin, specs[prefix + lin], hessians.get(lin),
+                                                inputs.get(lin), writer, out_fmt, dtype))
+        if xc is not None:
+            xc = torch.cat([crunner(block, b) for b in xc.split(8)])
         if check:
             yq = runner(block, xq)
             block_err.append(((yq - xf).norm() / xf.norm().clamp_min(1e-12)).item())
             xq = yq
         release(block)
         progress("quantize", i + 1, n_layers)
+    q_params = sum(shapes[r.name][0] * shapes[r.name][1] for r in reports)
+    q_bytes = sum(r.bytes for r in reports)
     for name in (arch.final_norm,) + (() if cfg.tie_word_embeddings else (arch.lm_head,)):
         if name in source.names():
             writer.add(name, _finite(name, source.get(name)).to(dtype))

@@ -214,6 +214,14 @@ class AffineCodec:
         q = quantize_with(wg, params["scale"].unsqueeze(-1), params["zero"].unsqueeze(-1), self.bits)
         return q.reshape(w.shape)
 
+    def quantize_columns(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Codes of a column slice `x` [out, k] under per-column params (see `column_params`)."""
+        return quantize_with(x, scale, zero, self.bits)
+
+    def dequantize_columns(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Float32 values of a column slice of codes, exactly as loaders reconstruct them."""
+        return dequantize_with(codes, scale, zero)
+
     def encode(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QTensor:
         """fit + quantize."""
         params = self.fit(w, importance)

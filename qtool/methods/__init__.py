@@ -1,5 +1,5 @@
 """Methods: one file each; a method quantizes a float weight through the codec it is given."""
 
-from qtool.methods import rtn
+from qtool.methods import gptq, rtn
 
-METHODS = {"rtn": rtn}
+METHODS = {"rtn": rtn, "gptq": gptq}

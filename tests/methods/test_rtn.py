@@ -28,5 +28,5 @@ def test_rtn_accepts_half_precision_weights():
 
 
 def test_registry_names_match_files():
-    assert set(METHODS) == {"rtn"}
+    assert set(METHODS) == {"rtn", "gptq"}
     assert METHODS["rtn"].NEEDS == ()

@@ -1,0 +1,60 @@
+"""Calibration data: token windows from a text file, or text sampled from the model itself (offline)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from qtool.errors import UsageError
+
+
+def token_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int, where: str) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens at seeded random offsets of `ids` -> LongTensor [samples, seq_len].
+
+    A text holding fewer than `samples` non-overlapping windows still gives `samples` windows (they overlap)
+    with a warning; a text shorter than one window is an error.
+    """
+    n = ids.numel()
+    if n < seq_len:
+        raise UsageError(f"{where}: calibration text has {n} tokens, fewer than one sample of --seq-len {seq_len}")
+    if n < samples * seq_len:
+        warnings.warn(f"{where}: {n} tokens hold only {n // seq_len} distinct samples of {seq_len}; "
+                      f"the {samples} windows overlap", stacklevel=2)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n - seq_len + 1, (samples,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def calibration_tokens(source, spec, tokenizer) -> torch.Tensor:
+    """Token windows [samples, seq_len] for a plan's calibration spec (source path or `generated`)."""
+    if spec.source == "generated":
+        text, where = generated_text(source, spec.samples * spec.seq_len, spec.seed), "generated text"
+    else:
+        p = Path(spec.source)
+        if not p.is_file():
+            raise UsageError(f"calibration source {p}: file not found")
+        text, where = p.read_text(), str(p)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return token_windows(ids, spec.samples, spec.seq_len, spec.seed, where)
+
+
+def generated_text(source, n_tokens: int, seed: int) -> str:
+    """Text sampled from the model itself (seeded), cached beside the eval cache. Loads the float model."""
+    import hashlib
+
+    from qtool.eval.perplexity import default_cache_dir, generate_text
+    from qtool.runtime.load import load_model
+
+    key = hashlib.sha256(f"calib:{source.digest()}:{n_tokens}:{seed}".encode()).hexdigest()[:24]
+    path = default_cache_dir() / f"calib-{key}.txt"
+    if path.is_file():
+        return path.read_text()
+    model, tok, _ = load_model(source.path)
+    text = generate_text(model, tok, n_tokens, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return text

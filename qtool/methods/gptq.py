@@ -1,0 +1,132 @@
+"""GPTQ: quantize column by column, pushing each column's rounding error onto the columns not yet
+quantized through the inverse Hessian of the layer's inputs (Frantar et al., 2022).
+
+Blocked "lazy batch" form: inside a block of columns the updates are applied one column at a time to the
+block only; the block's accumulated error is pushed to the remaining columns with one matmul. The inverse
+Hessian enters through the upper Cholesky factor of H⁻¹, after damping H by `damp` x mean(diag H).
+
+Quantization goes through the codec it is given (the narrow seam of the reference code): the codec fits
+the group parameters and rounds single columns, so the same loop serves every grid the codec implements.
+Groups: without act-order, a group's parameters are fitted when the sweep reaches its first column, on the
+already-updated weights (as the reference does). With act-order (columns visited by decreasing diag H),
+groups are *static*: fitted on the original weights before the sweep, so the column -> group map stays
+the natural one and no g_idx is needed on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qtool.formats.base import QTensor
+
+NEEDS: tuple[str, ...] = ("hessian",)
+
+
+@dataclass(frozen=True)
+class GPTQParams:
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    block_size: int = 128  # columns per lazy batch (raised to a multiple of the group size)
+    act_order: bool = False  # visit columns by decreasing diag(H); implies static groups
+    static_groups: bool = False  # fit all group parameters on the original weights before the sweep
+
+
+@dataclass(frozen=True)
+class GPTQReport:
+    damp_used: float  # the damping that made H positive definite (raised from `damp` if needed)
+    dead_columns: int  # input channels never active in calibration (zeroed)
+    requested_damp: float = 0.0
+
+    @property
+    def note(self) -> str:
+        parts = []
+        if self.damp_used > self.requested_damp:
+            parts.append(f"Hessian not positive definite: damping raised {self.requested_damp:g} -> {self.damp_used:g}")
+        if self.dead_columns:
+            parts.append(f"{self.dead_columns} input channels never active in calibration")
+        return "; ".join(parts)
+
+
+def params_of(spec) -> GPTQParams:
+    """GPTQ parameters of a resolved plan rule (`plan.LayerSpec`)."""
+    r = spec.rule
+    return GPTQParams(damp=r.damp, act_order=r.act_order, static_groups=r.static_groups)
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float, tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so H⁻¹ = Uᵀ U), λ = damp x mean(diag H).
+
+    When H + λI is not positive definite the damping is multiplied by 10 and the factorisation retried;
+    the damping that worked is returned. Raises ValueError after `tries` failures (never returns NaN).
+    """
+    h = h.double()
+    mean_diag = h.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for _ in range(tries):
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if info.item() == 0:
+            hinv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info.item() == 0 and torch.isfinite(u).all():
+                return u.float(), damp
+        damp *= 10
+    raise ValueError(f"Hessian is not positive definite even with damping {damp / 10:g}")
+
+
+def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams = GPTQParams()
+             ) -> tuple[QTensor, GPTQReport]:
+    """GPTQ-quantize `w` (out, in) given the input Hessian `hessian` (in, in) ∝ XᵀX, through `codec`.
+
+    `codec` must offer `fit`, `group_width(in)`, `column_params(params, in)`, `quantize_columns` and
+    `dequantize_columns` (see `formats/affine.py`).
+    """
+    W = w.float().clone()
+    n_out, n = W.shape
+    H = hessian.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    gw = codec.group_width(n)
+    static = params.static_groups or params.act_order or gw == n
+    fitted = codec.fit(W) if static else None  # dynamic groups fill these tensors as the sweep goes
+    scale = fitted["scale"].clone() if static else None
+    zero = fitted["zero"].clone() if static else None
+
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if params.act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    U, damp_used = inverse_hessian_factor(H, params.damp)
+    del H
+    block = max(params.block_size, gw) if gw < n else params.block_size
+    block = -(-block // gw) * gw if gw < n else block
+    codes = torch.empty(n_out, n, dtype=torch.int8)
+    col_group = (perm if perm is not None else torch.arange(n)) // gw
+
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static and col % gw == 0:  # first column of a group: fit it on the updated weights
+                g_params = codec.fit(W1[:, i:i + gw])
+                if scale is None:
+                    scale = torch.empty(n_out, n // gw, dtype=g_params["scale"].dtype)
+                    zero = torch.empty(n_out, n // gw, dtype=g_params["zero"].dtype)
+                scale[:, col // gw], zero[:, col // gw] = g_params["scale"][:, 0], g_params["zero"][:, 0]
+            g = col_group[col]
+            sc, zc = scale[:, g:g + 1], zero[:, g:g + 1]
+            x = W1[:, i:i + 1]
+            q = codec.quantize_columns(x, sc, zc)
+            err = (x - codec.dequantize_columns(q, sc, zc)) / U1[i, i]
+            W1[:, i:] -= err @ U1[i:i + 1, i:]
+            E1[:, i:i + 1] = err
+            codes[:, col:col + 1] = q
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    qt = QTensor(codec=codec, shape=(n_out, n), codes=codes, params={"scale": scale, "zero": zero})
+    return qt, GPTQReport(damp_used=damp_used, dead_columns=int(dead.sum()), requested_damp=params.damp)
