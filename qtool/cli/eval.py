@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
-
 from rich.markup import escape
+from rich.table import Table
 
 from qtool.cli.common import check_json_dest, err, human_bytes, out, progress_bar, user_errors, write_json
 

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from rich.markup import escape
-
-from qtool.cli.common import (check_json_dest, err, human_bytes, out as stdout, progress_bar, user_errors,
-                               warn, write_json)
+from qtool.cli.common import check_json_dest, err, human_bytes, progress_bar, user_errors, warn, write_json
+from qtool.cli.common import out as stdout
 
 EXAMPLE = """
 [bold]Example[/]: quantize SmolLM2-135M (the built-in default model) to int4, group 64, symmetric with MSE clipping:

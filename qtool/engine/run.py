@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from qtool.engine.blocks import BlockRunner, materialize, release, skeleton
+from qtool.engine.check import CheckReport, check_tokens, logit_kld
 from qtool.engine.output import OUTPUTS
 from qtool.errors import ModelError, UsageError
 from qtool.io.arch import arch_of
@@ -40,20 +40,6 @@ class LayerReport:
     weight_rel_err: float  # ||W - Wq|| / ||W||
     output_rel_err: float | None = None  # ||X(W - Wq)^T|| / ||XW^T|| on the check inputs
     note: str = ""
-
-
-@dataclass
-class CheckReport:
-    kld: float
-    same_top_pct: float
-    block_rel_err: list[float]
-    sequences: int
-    seq_len: int
-    warn_kld: float
-
-    @property
-    def ok(self) -> bool:
-        return self.kld <= self.warn_kld
 
 
 @dataclass
@@ -81,33 +67,11 @@ class Manifest:
         return d
 
 
-def check_tokens(tokenizer, n: int, seq_len: int) -> torch.Tensor:
-    """`n` held-out sequences of `seq_len` tokens from qtool's built-in check text (deterministic)."""
-    text = resources.files("qtool").joinpath("data/check.txt").read_text()
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    need = n * seq_len
-    if ids.numel() < need:
-        ids = ids.repeat(need // ids.numel() + 1)
-    return ids[:need].view(n, seq_len)
-
-
 def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point() and not torch.isfinite(t).all():
         bad = (~torch.isfinite(t)).sum().item()
         raise ModelError(f"tensor {name} holds {bad} NaN/Inf values; refusing to quantize it")
     return t
-
-
-def _kld(hf: torch.Tensor, hq: torch.Tensor, head: torch.Tensor) -> tuple[float, float]:
-    """Mean KL(base || quantized) and same-top % of final logits, one sequence at a time (bounded memory)."""
-    kld_sum, same, n = 0.0, 0, 0
-    for a, b in zip(hf.reshape(-1, hf.shape[-1]).split(64), hq.reshape(-1, hq.shape[-1]).split(64)):
-        lp = torch.log_softmax((a @ head.T).double(), -1)
-        lq = torch.log_softmax((b @ head.T).double(), -1)
-        kld_sum += (lp.exp() * (lp - lq)).sum().item()
-        same += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
-        n += lp.shape[0]
-    return kld_sum / n, 100.0 * same / n
 
 
 def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, check: bool = True,
@@ -271,7 +235,7 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress) -
         norm.to_empty(device="cpu")
         with torch.no_grad():
             norm.weight.copy_(norm_w)
-            kld, same = _kld(norm(xf), norm(xq), head)
+            kld, same = logit_kld(norm(xf), norm(xq), head)
         report = CheckReport(round(kld, 6), round(same, 3), [round(e, 6) for e in block_err],
                              plan.check_sequences, plan.check_seq_len, plan.warn_kld)
     return Manifest(out="", plan_digest=plan.digest(), output_format=plan.output_format,

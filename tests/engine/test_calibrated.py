@@ -1,6 +1,5 @@
 """Calibrated methods through the engine: GPTQ on the tiny model, fed by a quantized activation stream."""
 
-import json
 from importlib import resources
 
 import pytest

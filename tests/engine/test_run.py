@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_llama
 from qtool.engine.run import run
 from qtool.errors import IndivisibleError, ModelError, UsageError
 from qtool.io.source import open_model
@@ -75,7 +75,7 @@ def test_self_check_ranks_bit_widths(tiny_llama, tmp_path):
 
 def test_self_check_kld_agrees_with_full_model_eval(tiny_llama, tmp_path):
     """The streamed check equals a KLD computed from two whole models on the same tokens."""
-    from qtool.engine.run import check_tokens
+    from qtool.engine.check import check_tokens
 
     out = tmp_path / "q"
     m = run(open_model(tiny_llama), parse_plan(INT4), out)

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_llama
 from qtool.formats import bnb
 from qtool.formats.nf4 import NF4Codec
 

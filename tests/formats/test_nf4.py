@@ -8,8 +8,14 @@ import torch._dynamo
 
 from qtool.errors import IndivisibleError
 from qtool.formats.base import Codec
-from qtool.formats.nf4 import (DYNAMIC_MAP, FP4_TABLE, NF4_TABLE, NF4Codec, _quantize_nested,
-                               create_dynamic_map)
+from qtool.formats.nf4 import (
+    DYNAMIC_MAP,
+    FP4_TABLE,
+    NF4_TABLE,
+    NF4Codec,
+    _quantize_nested,
+    create_dynamic_map,
+)
 
 F = pytest.importorskip("bitsandbytes.functional")
 
