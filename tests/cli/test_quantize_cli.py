@@ -322,7 +322,7 @@ def test_foreign_file_named_gguf(tmp_path, outs, int8_plan, no_engine):
 # ------------------------------------------------------------------------------------------------ bad plans
 
 PLAN_ERRORS = {
-    "unknown-method": ("rules:\n  - {match: '.*', method: gptq}\n", ":2:", ("method", "'gptq'", "rtn")),
+    "unknown-method": ("rules:\n  - {match: '.*', method: awq9}\n", ":2:", ("method", "'awq9'", "rtn")),
     "bits-16": ("rules:\n  - match: '.*'\n    bits: 16\n", ":3:", ("bits", "16", "2, 3, 4, 8")),
     "unknown-codec": ("rules:\n  - {match: '.*', codec: int5}\n", ":2:", ("codec", "'int5'", "nf4")),
     "group-100": ("rules:\n  - {match: '.*', group_size: 100}\n", ":2:", ("group_size", "100", "channel")),
