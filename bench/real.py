@@ -33,6 +33,11 @@ ROWS = [  # (row name, plan yaml text)
     ("int3-g64 asym +clip", "rules:\n  - {match: '.*', bits: 3, group_size: 64, symmetric: false, clip_search: true}\n"),
     ("nf4-b64", "rules:\n  - {match: '.*', codec: nf4, block_size: 64}\n"),
     ("nf4-b64 +dq", "rules:\n  - {match: '.*', codec: nf4, block_size: 64, double_quant: true}\n"),
+    # calibrated rows: calibration-mixed.txt, 128 x 512 tokens, seed 0 (see --calib below)
+    ("gptq int4-g64 sym act-order", (ROOT / "configs" / "gptq-w4g64.yaml").read_text()),
+    ("gptq int4-g64 asym act-order", (ROOT / "configs" / "gptq-w4g64.yaml").read_text().replace(
+        "symmetric: true", "symmetric: false")),
+    ("gptq int3-g64 asym act-order", (ROOT / "configs" / "gptq-w3g64.yaml").read_text()),
 ]
 
 
@@ -73,22 +78,21 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
     return secs, rss, p.stdout
 
 
-def bench(base_name: str, base: str, text: Path, chunks: int, work: Path, rows) -> list[dict]:
+def bench(base_name: str, base: str, text: Path, chunks: int, work: Path, rows, calib: Path) -> list[dict]:
     results = []
-    _, _, out = timed(QTOOL + ["eval", base, "--text", str(text), "--chunks", str(chunks), "--json", "-"])
-    ev = json.loads(out)
-    results.append({"base": base_name, "row": "base (float)", "ppl": ev["ppl"]})
-    print(f"[{base_name}] base PPL {ev['ppl']:.3f}", flush=True)
     for row, plan_text in rows:
         plan = work / "plan.yaml"
         plan.write_text(plan_text)
         art = work / "artifact"
+        extra = ["--calib", str(calib)] if "method: gptq" in plan_text else []
         secs, rss, out = timed(QTOOL + ["quantize", base, "--plan", str(plan), "--out", str(art), "--force",
-                                        "--json", "-"])
+                                        "--json", "-", *extra])
         man = json.loads(out)
         _, _, out = timed(QTOOL + ["eval", str(art), "--base", base, "--text", str(text), "--chunks", str(chunks),
                                    "--json", "-"])
         ev = json.loads(out)
+        if not results:
+            results.append({"base": base_name, "row": "base (float)", "ppl": ev["base_ppl"]})
         size = sum(f.stat().st_size for f in art.glob("*.safetensors"))
         r = {"base": base_name, "row": row, "file_mb": round(size / 1e6, 2),
              "linear_mb": round(man["quantized_bytes"] / 1e6, 2), "bits_per_weight": man["bits_per_weight"],
@@ -122,21 +126,23 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=100)
     ap.add_argument("--rows", default="", help="regex selecting rows (default: all)")
     ap.add_argument("--bases", default="shipped,off-grid")
+    ap.add_argument("--tag", default="", help="suffix of the result files (results-TAG.json, RESULTS-TAG.md)")
     args = ap.parse_args()
     text = args.data / "wikitext2-test.txt"
     if not text.is_file():
         raise SystemExit(f"{text}: not found (pass --data)")
     rows = [r for r in ROWS if re.search(args.rows, r[0])]
+    suffix = f"-{args.tag}" if args.tag else ""
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="qtool-bench-") as tmp:
         work = Path(tmp)
         for base_name in args.bases.split(","):
             base = "smollm2-135m" if base_name == "shipped" else str(off_grid_copy(work / "off-grid"))
-            results += bench(base_name, base, text, args.chunks, work, rows)
-            (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            results += bench(base_name, base, text, args.chunks, work, rows, args.data / "calibration-mixed.txt")
+            (args.out / f"results{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
         shutil.rmtree(work / "artifact", ignore_errors=True)
-    (args.out / "RESULTS.md").write_text(markdown(results, args.chunks))
+    (args.out / f"RESULTS{suffix}.md").write_text(markdown(results, args.chunks))
     print(markdown(results, args.chunks))
 
 

@@ -17,16 +17,22 @@ class HessianCollector:
         self.h = {n: None for n in names}
         self.count = {n: 0 for n in names}
         self._seen: set[str] = set()
+        self._last_input = self._last_h = None
         self._hooks = [block.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
 
     def _hook(self, name: str):
         def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            if not torch.isfinite(x).all():
-                raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
-            h = x.T @ x
+            rows = args[0].numel() // args[0].shape[-1]
+            if args[0] is self._last_input:  # q/k/v (and gate/up) share one input: one XᵀX for all
+                h = self._last_h.clone()
+            else:
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
+                h = x.T @ x
+                self._last_input, self._last_h = args[0], h
             self.h[name] = h if self.h[name] is None else self.h[name].add_(h)
-            self.count[name] += x.shape[0]
+            self.count[name] += rows
             self._seen.add(name)
             if len(self._seen) == len(self.h):
                 self._seen.clear()
@@ -45,4 +51,5 @@ class HessianCollector:
         finally:
             for hk in self._hooks:
                 hk.remove()
+            self._last_input = self._last_h = None
         return {n: h / max(self.count[n], 1) for n, h in self.h.items()}
