@@ -13,7 +13,7 @@ from qtool.cli.common import check_json_dest, err, human_bytes, progress_bar, us
 from qtool.cli.common import out as stdout
 
 EXAMPLE = """
-[bold]Example[/]: quantize SmolLM2-135M (the built-in default model) to int4, group 64, symmetric with MSE clipping:
+[bold]Example[/]: quantize SmolLM2-135M (the built-in default model) to int4, group 64, asymmetric:
 
   qtool quantize smollm2-135m --plan configs/w4a16-g64.yaml --out build/smollm2-w4g64
   qtool eval build/smollm2-w4g64 --base smollm2-135m --text wikitext2-test.txt --chunks 20
