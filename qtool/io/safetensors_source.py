@@ -18,6 +18,8 @@ from safetensors import safe_open
 from qtool.errors import ModelError
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ALL_DTYPES = {**_DTYPES, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+               "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_header(f: Path) -> dict:
@@ -77,10 +79,13 @@ class SafetensorsSource:
             raise ModelError(f"{path}: no .safetensors weights{hint}")
         self._file_of: dict[str, Path] = {}
         self._info: dict[str, dict] = {}
+        self._data_start: dict[Path, int] = {}
         for fname in files:
             f = path / fname
             if not f.is_file():
                 raise ModelError(f"{f}: listed in the index but missing")
+            with open(f, "rb") as fh:
+                self._data_start[f] = 8 + struct.unpack("<Q", fh.read(8))[0]
             for name, info in read_header(f).items():
                 if name != "__metadata__":
                     self._file_of[name], self._info[name] = f, info
@@ -94,7 +99,6 @@ class SafetensorsSource:
             self.config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as e:  # transformers raises many types for a bad config
             raise ModelError(f"{path / 'config.json'}: cannot be read: {str(e).splitlines()[0]}") from None
-        self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
         return sorted(self._info)
@@ -103,12 +107,20 @@ class SafetensorsSource:
         return tuple(self._info[name]["shape"])
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor with a positioned read (no mmap: only this tensor's bytes become resident)."""
         if name not in self._info:
             raise ModelError(f"{self.path}: tensor {name} is missing")
-        f = self._file_of[name]
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
-        return self._handles[f].get_tensor(name)
+        f, info = self._file_of[name], self._info[name]
+        if info["dtype"] not in _ALL_DTYPES:
+            raise ModelError(f"{f}: tensor {name} has unsupported dtype {info['dtype']}")
+        lo, hi = info["data_offsets"]
+        with open(f, "rb") as fh:
+            fh.seek(self._data_start[f] + lo)
+            buf = bytearray(fh.read(hi - lo))
+        if len(buf) != hi - lo:
+            raise ModelError(f"{f}: truncated while reading {name}")
+        t = torch.frombuffer(buf, dtype=_ALL_DTYPES[info["dtype"]]) if buf else torch.empty(0, dtype=_ALL_DTYPES[info["dtype"]])
+        return t.reshape(info["shape"])
 
     @property
     def dtype(self) -> torch.dtype:
