@@ -89,7 +89,8 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
     W[:, dead] = 0.0
     gw = codec.group_width(n)
     static = params.static_groups or params.act_order or gw == n
-    fitted = codec.fit(W) if static else None  # dynamic groups fill these tensors as the sweep goes
+    importance = H.diagonal().float()  # E[x_j²]: a codec that searches its ranges weights errors by it
+    fitted = codec.fit(W, importance) if static else None  # dynamic groups fill these as the sweep goes
     scale = fitted["scale"].clone() if static else None
     zero = fitted["zero"].clone() if static else None
 
@@ -111,7 +112,7 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
         for i in range(i2 - i1):
             col = i1 + i
             if not static and col % gw == 0:  # first column of a group: fit it on the updated weights
-                g_params = codec.fit(W1[:, i:i + gw])
+                g_params = codec.fit(W1[:, i:i + gw], importance[col:col + gw])
                 if scale is None:
                     scale = torch.empty(n_out, n // gw, dtype=g_params["scale"].dtype)
                     zero = torch.empty(n_out, n // gw, dtype=g_params["zero"].dtype)
