@@ -84,9 +84,10 @@ class SafetensorsSource:
             f = path / fname
             if not f.is_file():
                 raise ModelError(f"{f}: listed in the index but missing")
+            header = read_header(f)  # validates the file before anything else reads it
             with open(f, "rb") as fh:
                 self._data_start[f] = 8 + struct.unpack("<Q", fh.read(8))[0]
-            for name, info in read_header(f).items():
+            for name, info in header.items():
                 if name != "__metadata__":
                     self._file_of[name], self._info[name] = f, info
             try:  # safetensors' own check of dtypes, shapes and offsets against each other
