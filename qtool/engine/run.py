@@ -21,7 +21,7 @@ from qtool.engine.check import CheckReport, check_tokens, logit_kld
 from qtool.engine.output import OUTPUTS
 from qtool.errors import ModelError, UsageError
 from qtool.io.arch import arch_of
-from qtool.io.hf_writer import HFWriter, prepare_output
+from qtool.io.hf_writer import HFWriter
 from qtool.io.source import ModelSource
 from qtool.methods import METHODS
 from qtool.plan import LayerSpec, Plan
@@ -102,9 +102,7 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
         raise UsageError(f"{plan.source}: no rule matches any linear of this model "
                          f"(names look like {next(iter(shapes))})")
     inputs = (source.path,) + ((Path(plan.source),) if plan.source != "<flags>" else ())
-    prepare_output(out, force, inputs)
-
-    writer = HFWriter(out, force=force, inputs=inputs)
+    writer = HFWriter(out, force=force, inputs=inputs)  # refuses an existing output or one that is an input
     try:
         manifest = _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress)
         unquantized = sorted(set(shapes) - set(specs)) + ["lm_head"]
