@@ -40,19 +40,22 @@ def calibration_tokens(source, spec, tokenizer) -> torch.Tensor:
     return token_windows(ids, spec.samples, spec.seq_len, spec.seed, where)
 
 
-def generated_text(source, n_tokens: int, seed: int) -> str:
-    """Text sampled from the model itself (seeded), cached beside the eval cache. Loads the float model."""
+def generated_text(source, n_tokens: int, seed: int, seq_len: int = 512, purpose: str = "calib") -> str:
+    """Text sampled from the model itself (seeded), cached per (model digest, tokens, seed, seq_len, purpose).
+
+    Loads the whole float model once (sampling needs it); later calls read the cache.
+    """
     import hashlib
 
     from qtool.eval.perplexity import default_cache_dir, generate_text
     from qtool.runtime.load import load_model
 
-    key = hashlib.sha256(f"calib:{source.digest()}:{n_tokens}:{seed}".encode()).hexdigest()[:24]
-    path = default_cache_dir() / f"calib-{key}.txt"
+    key = hashlib.sha256(f"{purpose}:{source.digest()}:{n_tokens}:{seed}:{seq_len}".encode()).hexdigest()[:24]
+    path = default_cache_dir() / f"{purpose}-{key}.txt"
     if path.is_file():
         return path.read_text()
     model, tok, _ = load_model(source.path)
-    text = generate_text(model, tok, n_tokens, seed=seed)
+    text = generate_text(model, tok, n_tokens, seed=seed, seq_len=seq_len)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)

@@ -81,26 +81,14 @@ def _counter(progress, stage: str, total: int):
 
 
 def _generated(model: str, n_tokens: int, seed: int, ctx: int, progress) -> str:
-    """Held-out text sampled from `model`, cached per (model digest, tokens, seed)."""
-    import hashlib
-
-    from qtool.eval import perplexity as pp
+    """Held-out text sampled from `model` (seeded, cached)."""
+    from qtool.calib.data import generated_text
     from qtool.io.source import open_model
-    from qtool.runtime.load import load_model
 
-    key = hashlib.sha256(f"{open_model(model).digest()}:{n_tokens}:{seed}:{ctx}".encode()).hexdigest()[:24]
-    path = pp.default_cache_dir() / f"generated-{key}.txt"
-    if path.is_file():
-        return path.read_text()
     progress("generate", 0, 1)
-    m, tok, _ = load_model(model)
-    body = pp.generate_text(m, tok, n_tokens, seed=seed, seq_len=ctx)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(body)
-    tmp.replace(path)
+    text = generated_text(open_model(model), n_tokens, seed, seq_len=ctx, purpose="generated")
     progress("generate", 1, 1)
-    return body
+    return text
 
 
 def _artifact_facts(model: str) -> dict:
