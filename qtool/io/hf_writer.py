@@ -44,11 +44,13 @@ class HFWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
+        self._names: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        if name in self._pending or any(name in s for s in self._shards):
+        if name in self._names:
             raise ValueError(f"tensor {name} written twice")
+        self._names.add(name)
         t = t.detach().contiguous()
         self._pending[name] = t
         n = t.numel() * t.element_size()
