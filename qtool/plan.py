@@ -42,9 +42,12 @@ INT_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, 256)
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 ON_INDIVISIBLE = ("error", "fallback-per-channel", "fallback-group-64")
-FORMATS = ("compressed-tensors", "bnb")
+FORMATS = ("compressed-tensors", "bnb", "gptq", "gptq_v2", "awq")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FORMAT_OF_CODEC = {"int": "compressed-tensors", "nf4": "bnb", "fp4": "bnb"}
+# which codecs each output format can hold (int codecs: bits allowed in that format)
+FORMAT_CODECS = {"compressed-tensors": {"int": INT_BITS}, "bnb": {"nf4": (), "fp4": ()},
+                 "gptq": {"int": (2, 3, 4, 8)}, "gptq_v2": {"int": (2, 3, 4, 8)}, "awq": {"int": (4,)}}
 
 
 @dataclass(frozen=True)
@@ -316,10 +319,16 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
         out = top["output"].mapping(("format", "dtype"))
         if "format" in out:
             kw["output_format"] = out["format"].choice(FORMATS)
-            bad = [r.codec for r in rules if FORMAT_OF_CODEC[r.codec] != kw["output_format"]]
-            if bad:
-                raise out["format"].error(f"codec {bad[0]!r} cannot be written as {kw['output_format']!r}; "
-                                          f"it needs {FORMAT_OF_CODEC[bad[0]]!r}")
+            fmt, allowed = kw["output_format"], FORMAT_CODECS[kw["output_format"]]
+            for r in rules:
+                if r.codec not in allowed:
+                    raise out["format"].error(f"codec {r.codec!r} cannot be written as {fmt!r}; "
+                                              f"it needs {FORMAT_OF_CODEC[r.codec]!r}")
+                if r.codec == "int" and r.bits not in allowed["int"]:
+                    raise out["format"].error(f"{fmt!r} holds int codes of {', '.join(map(str, allowed['int']))} "
+                                              f"bits; a rule asks for {r.bits}")
+                if fmt in ("gptq", "gptq_v2", "awq") and r.group_size == 0:
+                    raise out["format"].error(f"{fmt!r} needs a group size (per-channel is not written by qtool)")
         if "dtype" in out:
             kw["dtype"] = out["dtype"].choice(DTYPES)
     if "output_format" not in kw:
