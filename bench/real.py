@@ -38,6 +38,9 @@ ROWS = [  # (row name, plan yaml text)
     ("gptq int4-g64 asym act-order", (ROOT / "configs" / "gptq-w4g64.yaml").read_text().replace(
         "symmetric: true", "symmetric: false")),
     ("gptq int3-g64 asym act-order", (ROOT / "configs" / "gptq-w3g64.yaml").read_text()),
+    ("awq int4-g64 asym", (ROOT / "configs" / "awq-w4g64.yaml").read_text()),
+    ("awq+gptq int4-g64 asym act-order", (ROOT / "configs" / "awq-gptq-w4g64.yaml").read_text()),
+    ("awq int3-g64 asym", (ROOT / "configs" / "awq-w4g64.yaml").read_text().replace("bits: 4", "bits: 3")),
 ]
 
 
@@ -84,7 +87,7 @@ def bench(base_name: str, base: str, text: Path, chunks: int, work: Path, rows, 
         plan = work / "plan.yaml"
         plan.write_text(plan_text)
         art = work / "artifact"
-        extra = ["--calib", str(calib)] if "method: gptq" in plan_text else []
+        extra = ["--calib", str(calib)] if "calibration:" in plan_text else []
         secs, rss, out = timed(QTOOL + ["quantize", base, "--plan", str(plan), "--out", str(art), "--force",
                                         "--json", "-", *extra])
         man = json.loads(out)

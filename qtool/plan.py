@@ -5,7 +5,7 @@ and the field and says what is allowed. Inside qtool a plan is a frozen `Plan`.
 
     rules:                       # ordered; the first rule whose `match` regex is found in a module name wins
       - match: 'mlp\\.down_proj'
-        method: rtn              # rtn
+        method: rtn              # rtn | gptq | awq | hqq, or a chain: [awq, gptq] (transforms first)
         codec: int               # int | nf4 | fp4
         bits: 8                  # int: 2, 3, 4, 8
         group_size: channel      # int: 32, 64, 128, 256 or channel
@@ -19,7 +19,9 @@ and the field and says what is allowed. Inside qtool a plan is a frozen `Plan`.
     output: {format: compressed-tensors, dtype: auto}
     check: {sequences: 4, seq_len: 128, warn_kld: 0.5}
 
-Only decoder-block linears are quantized; embeddings, lm_head and norms always keep original precision.
+Only decoder-block linears are quantized; embeddings and lm_head keep original precision; norms too, except
+that an AWQ transform folds its scales into the norm that feeds the scaled linears.
+`symmetric` defaults to true, and to false for awq and hqq (their zero points are part of the method).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ import yaml
 from qtool.errors import IndivisibleError, PlanError
 from qtool.formats.base import Codec
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "hqq")  # weight methods: the last step of a rule
+TRANSFORMS = ("awq",)  # float rewrites applied before the weight method (`method: [awq, gptq]`)
+CALIBRATED = ("gptq", "awq")
+ASYMMETRIC_DEFAULT = ("awq", "hqq")  # methods whose rules default to `symmetric: false` (zero points)
 CODECS = ("int", "nf4", "fp4")
 INT_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, 256)
@@ -64,6 +69,14 @@ class Rule:
     damp: float = 0.01  # gptq: fraction of mean(diag H) added to the diagonal
     act_order: bool = False  # gptq: visit columns by decreasing diag(H) (groups then static)
     static_groups: bool = False  # gptq: fit group parameters on the original weights
+    transforms: tuple[str, ...] = ()  # applied in order before `method`, e.g. ("awq",)
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The rule's method chain as written: transforms, then the weight method (`awq` alone is both)."""
+        if self.transforms == ("awq",) and self.method == "awq":
+            return ("awq",)
+        return self.transforms + (self.method,)
 
 
 @dataclass(frozen=True)
@@ -104,7 +117,7 @@ class Plan:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(r.method == "gptq" for r in self.rules)
+        return any(step in CALIBRATED for r in self.rules for step in r.steps)
 
     def digest(self) -> str:
         """sha256 of the plan's content (not of where it came from): keys caches and resume data."""
@@ -116,6 +129,8 @@ class Plan:
         rules = []
         for r in self.rules:
             d = asdict(r)
+            d.pop("transforms")
+            d["method"] = r.steps[0] if len(r.steps) == 1 else list(r.steps)
             d["group_size"] = "channel" if r.group_size == 0 else r.group_size
             if r.codec == "int":
                 d.pop("block_size"), d.pop("double_quant")
@@ -178,8 +193,9 @@ def make_codec(rule: Rule, dtype=None) -> Codec:
 
         from qtool.formats.affine import AffineCodec
 
+        extra = {"float_zero": True} if rule.method == "hqq" else {}  # HQQ optimises a float zero point
         return AffineCodec(bits=rule.bits, group_size=rule.group_size, symmetric=rule.symmetric,
-                           scale_dtype=dtype or torch.float32, clip_search=rule.clip_search)
+                           scale_dtype=dtype or torch.float32, clip_search=rule.clip_search, **extra)
     from qtool.formats.nf4 import NF4Codec
 
     return NF4Codec(kind=rule.codec, block_size=rule.block_size, double_quant=rule.double_quant)
@@ -258,13 +274,28 @@ RULE_FIELDS = ("match", "method", "codec", "bits", "group_size", "symmetric", "c
 GPTQ_FIELDS = ("damp", "act_order", "static_groups")
 
 
+def _method_chain(n: _Node) -> dict[str, Any]:
+    """`method: gptq` | `method: awq` | `method: [awq, gptq]` (transforms first, one weight method last)."""
+    if isinstance(n.node, yaml.SequenceNode):
+        items = n.sequence()
+        if not items:
+            raise n.error("an empty method list; e.g. [awq, gptq]")
+        *transforms, last = items
+        chain = tuple(t.choice(TRANSFORMS) for t in transforms)
+        if len(set(chain)) != len(chain):
+            raise n.error("a transform is listed twice")
+        return {"method": last.choice(METHODS), "transforms": chain}
+    method = n.choice(METHODS)
+    return {"method": method, "transforms": ("awq",) if method == "awq" else ()}
+
+
 def _rule(n: _Node) -> Rule:
     f = n.mapping(RULE_FIELDS)
     if "match" not in f:
         raise n.error("a rule needs `match` (a regex on module names, e.g. '.*' or 'mlp\\.down_proj')")
     kw: dict[str, Any] = {"match": f["match"].regex()}
     if "method" in f:
-        kw["method"] = f["method"].choice(METHODS)
+        kw.update(_method_chain(f["method"]))
     codec = kw["codec"] = f["codec"].choice(CODECS) if "codec" in f else "int"
     int_only, nf_only = ("bits", "group_size", "symmetric", "clip_search"), ("block_size", "double_quant")
     for key in int_only if codec != "int" else nf_only:
@@ -275,8 +306,10 @@ def _rule(n: _Node) -> Rule:
     if "group_size" in f:
         g = f["group_size"].scalar()
         kw["group_size"] = 0 if g in ("channel", -1) else f["group_size"].choice(GROUP_SIZES + ("channel",))
-    if kw.get("method") == "gptq" and codec != "int":
-        raise f["method"].error(f"gptq quantizes through int codecs; codec {codec!r} is not supported")
+    if kw.get("method", "rtn") != "rtn" and codec != "int":
+        raise f["method"].error(f"{kw['method']} quantizes through int codecs; codec {codec!r} is not supported")
+    if kw.get("transforms") and codec != "int":
+        raise f["method"].error(f"{kw['transforms'][0]} scaling is searched on int grids; codec {codec!r} is not supported")
     for key in GPTQ_FIELDS:
         if key in f and kw.get("method") != "gptq":
             raise f[key].error("applies only to method gptq")
@@ -287,6 +320,10 @@ def _rule(n: _Node) -> Rule:
             kw[key] = f[key].boolean()
     if "block_size" in f:
         kw["block_size"] = f["block_size"].choice(BLOCK_SIZES)
+    if kw.get("method") == "hqq" and kw.get("symmetric"):
+        raise f["symmetric"].error("hqq optimises a (float) zero point: it is asymmetric; drop `symmetric: true`")
+    if codec == "int" and "symmetric" not in f and kw.get("method") in ASYMMETRIC_DEFAULT:
+        kw["symmetric"] = False
     return Rule(**kw)
 
 

@@ -27,15 +27,51 @@ def token_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int, wher
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
+def read_text_source(path: str | Path) -> str:
+    """A calibration text: a plain text file, or JSONL whose records carry a `text` field (joined by blank
+    lines). Anything else that is not a file is explained (Hugging Face dataset names need the network)."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        hint = (" (Hugging Face dataset names need network access, which qtool does not use; "
+                "save the text to a file, or use `generated`)" if "/" in str(path) and not p.parent.exists() else "")
+        raise UsageError(f"calibration source {p}: file not found{hint}")
+    raw = p.read_text(encoding="utf-8", errors="replace")
+    if p.suffix != ".jsonl":
+        return raw
+    texts = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise UsageError(f"{p}:{i}: not valid JSON ({e})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise UsageError(f"{p}:{i}: a JSONL calibration record needs a string field `text`")
+        texts.append(rec["text"])
+    return "\n\n".join(texts)
+
+
+def source_digest(spec) -> str:
+    """What identifies the calibration data: `generated`, or the sha256 of the source file's bytes."""
+    import hashlib
+
+    if spec.source == "generated":
+        return "generated"
+    p = Path(spec.source)
+    if not p.is_file():
+        raise UsageError(f"calibration source {p}: file not found")
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
 def calibration_tokens(source, spec, tokenizer) -> torch.Tensor:
-    """Token windows [samples, seq_len] for a plan's calibration spec (source path or `generated`)."""
+    """Token windows [samples, seq_len] for a plan's calibration spec (text/JSONL path or `generated`)."""
     if spec.source == "generated":
         text, where = generated_text(source, spec.samples * spec.seq_len, spec.seed), "generated text"
     else:
-        p = Path(spec.source)
-        if not p.is_file():
-            raise UsageError(f"calibration source {p}: file not found")
-        text, where = p.read_text(), str(p)
+        text, where = read_text_source(spec.source), str(spec.source)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     return token_windows(ids, spec.samples, spec.seq_len, spec.seed, where)
 

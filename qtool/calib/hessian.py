@@ -1,4 +1,4 @@
-"""Statistics collectors: the input Hessian XᵀX/N of linears, gathered with forward pre-hooks."""
+"""Statistics collectors: the input Hessian XᵀX/N and mean |x| of linears, gathered with forward pre-hooks."""
 
 from __future__ import annotations
 
@@ -11,32 +11,38 @@ class _Stop(Exception):
 
 
 class HessianCollector:
-    """Accumulates H = XᵀX / N (float32) over the inputs of `names` in `block`; stops the forward early."""
+    """Accumulates H = XᵀX / N (float32) and mean |x| over the inputs of `names` in `block`; stops the
+    forward early once every hooked linear has seen its input. After `run`, `abs_mean[name]` holds mean |x|."""
 
-    def __init__(self, block: nn.Module, names: list[str]):
+    def __init__(self, block: nn.Module, names: list[str], early_stop: bool = True):
+        self.early_stop = early_stop
         self.h = {n: None for n in names}
+        self.abs_sum: dict[str, torch.Tensor] = {}
+        self.abs_mean: dict[str, torch.Tensor] = {}
         self.count = {n: 0 for n in names}
         self._seen: set[str] = set()
-        self._last_input = self._last_h = None
+        self._last_input = self._last_h = self._last_abs = None
         self._hooks = [block.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
 
     def _hook(self, name: str):
         def hook(module, args):
             rows = args[0].numel() // args[0].shape[-1]
             if args[0] is self._last_input:  # q/k/v (and gate/up) share one input: one XᵀX for all
-                h = self._last_h.clone()
+                h, a = self._last_h.clone(), self._last_abs
             else:
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 if not torch.isfinite(x).all():
                     raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
-                h = x.T @ x
-                self._last_input, self._last_h = args[0], h
+                h, a = x.T @ x, x.abs().sum(0)
+                self._last_input, self._last_h, self._last_abs = args[0], h, a
             self.h[name] = h if self.h[name] is None else self.h[name].add_(h)
+            self.abs_sum[name] = a.clone() if name not in self.abs_sum else self.abs_sum[name].add_(a)
             self.count[name] += rows
             self._seen.add(name)
             if len(self._seen) == len(self.h):
                 self._seen.clear()
-                raise _Stop
+                if self.early_stop:
+                    raise _Stop
 
         return hook
 
@@ -51,5 +57,6 @@ class HessianCollector:
         finally:
             for hk in self._hooks:
                 hk.remove()
-            self._last_input = self._last_h = None
+            self._last_input = self._last_h = self._last_abs = None
+        self.abs_mean = {n: a / max(self.count[n], 1) for n, a in self.abs_sum.items()}
         return {n: h / max(self.count[n], 1) for n, h in self.h.items()}

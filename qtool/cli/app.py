@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from qtool import __version__
+from qtool.cli import calibrate as calibrate_cmd
 from qtool.cli import eval as eval_cmd
 from qtool.cli import quantize as quantize_cmd
 
@@ -18,6 +19,7 @@ app = typer.Typer(
     epilog="Example: qtool quantize smollm2-135m --plan configs/w4a16-g64.yaml --out build/q && "
            "qtool eval build/q --base smollm2-135m --chunks 20",
 )
+app.command("calibrate", no_args_is_help=True)(calibrate_cmd.calibrate)
 app.command("quantize", no_args_is_help=True)(quantize_cmd.quantize)
 app.command("eval", no_args_is_help=True)(eval_cmd.evaluate)
 

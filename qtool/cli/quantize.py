@@ -28,6 +28,7 @@ def quantize(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")],
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text file (overrides the plan's source).")] = None,
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="Statistics from `qtool calibrate` (replace the calibration pass; must match this model).")] = None,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the built-in quality self-check.")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write results as JSON to a file ('-' = stdout).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the checkpoint.")] = False,
@@ -48,11 +49,23 @@ def quantize(
                 raise UsageError(f"--calib {calib}: file not found")
             the_plan = dataclasses.replace(
                 the_plan, calibration=dataclasses.replace(the_plan.calibration, source=str(calib)))
+        if stats is not None and calib is not None:
+            raise UsageError("--stats and --calib both give calibration data; pass one of them")
+        stats_obj = None
+        if stats is not None:
+            from qtool.calib.stats import load as load_stats
+
+            stats_obj = load_stats(stats)
         with err.status(f"reading {escape(model)}"):
             source = open_model(model, trust_remote_code=trust_remote_code)
             source.config  # GGUF metadata is parsed here (seconds for a large vocabulary)
+        if stats_obj is not None:
+            from qtool.plan import Calibration
+
+            stated = the_plan.calibration if the_plan.calibration != Calibration() else None
+            stats_obj.check(source.digest(), stated, where=f"--stats {stats}")
         with progress_bar(json_out != "-") as progress:
-            manifest = run(source, the_plan, out, force=force, check=not no_check, progress=progress)
+            manifest = run(source, the_plan, out, force=force, check=not no_check, progress=progress, stats=stats_obj)
         _summary(manifest, verbose, err if json_out == "-" else stdout)
         write_json(json_out, manifest.to_json())
         for w in manifest.warnings:

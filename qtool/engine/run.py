@@ -19,6 +19,7 @@ import torch
 from qtool.engine.blocks import BlockRunner, materialize, release, skeleton
 from qtool.engine.check import CheckReport, check_tokens, logit_kld
 from qtool.engine.output import OUTPUTS
+from qtool.engine.transforms import TransformReport, apply_awq, block_stats
 from qtool.errors import ModelError, UsageError
 from qtool.io.arch import arch_of
 from qtool.io.hf_writer import HFWriter
@@ -53,6 +54,7 @@ class Manifest:
     bits_per_weight: float
     seconds: float
     layers: list[LayerReport] = field(default_factory=list)
+    transforms: list[TransformReport] = field(default_factory=list)
     check: CheckReport | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -75,8 +77,10 @@ def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, check: bool = True,
-        progress: Progress | None = None) -> Manifest:
-    """Quantize `source` with `plan` into the HF directory `out` (atomically). Returns the manifest."""
+        progress: Progress | None = None, stats=None) -> Manifest:
+    """Quantize `source` with `plan` into the HF directory `out` (atomically). Returns the manifest.
+
+    `stats` (`calib.stats.Stats` of this model, from `qtool calibrate`) replaces the calibration pass."""
     t0 = time.perf_counter()
     progress = progress or (lambda stage, done, total: None)
     cfg = source.config
@@ -104,7 +108,7 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
     inputs = (source.path,) + ((Path(plan.source),) if plan.source != "<flags>" else ())
     writer = HFWriter(out, force=force, inputs=inputs)  # refuses an existing output or one that is an input
     try:
-        manifest = _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress)
+        manifest = _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, stats)
         unquantized = sorted(set(shapes) - set(specs)) + ["lm_head"]
         config = cfg.to_dict()
         config["dtype"] = str(dtype).removeprefix("torch.")
@@ -162,7 +166,11 @@ def _quantize_linear(block, prefix, lin, spec, hessian, x, writer, out_fmt, dtyp
     return report
 
 
-def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress) -> Manifest:
+def _uses_block_stats(spec: LayerSpec) -> bool:
+    return bool(spec.rule.transforms) or (bool(METHODS[spec.method].NEEDS) and not METHODS[spec.method].SEQUENTIAL)
+
+
+def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, stats_file=None) -> Manifest:
     cfg = source.config
     n_layers = cfg.num_hidden_layers
     out_fmt = OUTPUTS[plan.output_format]
@@ -170,14 +178,15 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress) -
     embed = _finite(arch.embed, source.get(arch.embed))
     writer.add(arch.embed, embed.to(dtype))
     check = check and plan.check_sequences > 0
-    tokenizer = source.load_tokenizer() if check or plan.needs_calibration else None
+    inline = plan.needs_calibration and stats_file is None  # collect statistics on a calibration stream
+    tokenizer = source.load_tokenizer() if check or inline else None
     if check:
         ids = check_tokens(tokenizer, plan.check_sequences, plan.check_seq_len)
         xf = embed[ids].float()
         xq = xf.clone()
         runner = BlockRunner(skel, cfg, plan.check_seq_len)
     xc = None
-    if plan.needs_calibration:
+    if inline:
         from qtool.calib.data import calibration_tokens
 
         progress("calibrate", 0, 1)
@@ -187,10 +196,20 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress) -
         progress("calibrate", 1, 1)
     del embed
     reports: list[LayerReport] = []
+    transforms: list[TransformReport] = []
     block_err: list[float] = []
     for i in range(n_layers):
         prefix = arch.block_prefix(i)
         block = materialize(skel.get_submodule(prefix.rstrip(".")), prefix, source)
+        stats: dict[str, tuple] = {}  # statistics of the float block's inputs (AWQ search and clip)
+        block_wide = [lin for lin in arch.linears if prefix + lin in specs and _uses_block_stats(specs[prefix + lin])]
+        if stats_file is not None and plan.needs_calibration:
+            stats = {lin: (stats_file.of(prefix + lin).hessian, stats_file.of(prefix + lin).abs_mean)
+                     for lin in arch.linears if prefix + lin in specs}
+        elif xc is not None and block_wide:
+            stats = block_stats(block, arch, block_wide, lambda b: crunner(block, b), xc.split(8))
+        if stats:  # transforms first: the float block keeps its function, later steps see the result
+            transforms += apply_awq(block, prefix, arch, specs, stats)
         inputs: dict[str, torch.Tensor] = {}
         if check:
             hooks = [block.get_submodule(lin).register_forward_pre_hook(
@@ -204,11 +223,12 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress) -
                 writer.add(prefix + name, _finite(prefix + name, p.detach()).to(dtype))
         for group in arch.linear_groups:  # true-sequential: later groups see earlier groups quantized
             members = [lin for lin in group if prefix + lin in specs]
-            hessians = {}
-            if xc is not None and any(METHODS[specs[prefix + lin].method].NEEDS for lin in members):
+            hessians = {lin: stats[lin][0] for lin in members if lin in stats}
+            sequential = [lin for lin in members if getattr(METHODS[specs[prefix + lin].method], "SEQUENTIAL", False)]
+            if xc is not None and sequential:  # GPTQ: H of the inputs the partly quantized block produces
                 from qtool.calib.hessian import HessianCollector
 
-                hessians = HessianCollector(block, members).run(lambda b: crunner(block, b), xc.split(8))
+                hessians.update(HessianCollector(block, sequential).run(lambda b: crunner(block, b), xc.split(8)))
             for lin in members:
                 reports.append(_quantize_linear(block, prefix, lin, specs[prefix + lin], hessians.get(lin),
                                                 inputs.get(lin), writer, out_fmt, dtype))
@@ -239,4 +259,4 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress) -
     return Manifest(out="", plan_digest=plan.digest(), output_format=plan.output_format,
                     quantized_params=q_params, quantized_bytes=q_bytes, total_bytes=0,
                     bits_per_weight=round(8 * q_bytes / max(q_params, 1), 4), seconds=0.0,
-                    layers=reports, check=report)
+                    layers=reports, transforms=transforms, check=report)

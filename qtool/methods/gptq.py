@@ -22,6 +22,7 @@ import torch
 from qtool.formats.base import QTensor
 
 NEEDS: tuple[str, ...] = ("hessian",)
+SEQUENTIAL = True  # statistics are collected per linear group on the partly quantized block
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch
 from qtool.formats.base import Codec, QTensor
 
 NEEDS: tuple[str, ...] = ()  # statistics this method needs from calibration
+SEQUENTIAL = False  # statistics of the float block (collected once per block) are enough
 
 
 def quantize(w: torch.Tensor, codec: Codec, importance: torch.Tensor | None = None) -> QTensor:

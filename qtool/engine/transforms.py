@@ -1,0 +1,96 @@
+"""Transforms: float rewrites of one decoder block that keep its function and make its linears easier to
+quantize. AWQ scales the input channels of the linears of a smoothing pair and divides the op before them
+(an RMSNorm's weight, or the rows of a linear) by the same scales.
+
+The search is `methods/awq.py` (pure); this file picks the pairs from the architecture table and the plan,
+collects the statistics the search needs on the float block, and folds the result into the block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qtool.io.arch import Arch
+
+
+@dataclass
+class TransformReport:
+    kind: str  # "awq"
+    prev: str  # module the scales were folded into (full name)
+    linears: list[str]  # modules whose input channels were scaled (full names)
+    alpha: float | None  # grid point chosen; None = identity kept
+    gain: float  # output error without / with the scales (>= 1)
+    note: str = ""
+
+
+def awq_pairs(arch: Arch, prefix: str, specs: dict, block: nn.Module) -> tuple[list, list[str]]:
+    """The smoothing pairs of this block whose linears all carry an `awq` transform, and notes on pairs
+    that were skipped (partly covered by the plan, or shapes that do not line up, e.g. v -> o under GQA)."""
+    pairs, notes = [], []
+    for prev, lins in arch.smooth_pairs:
+        flagged = [lin for lin in lins if prefix + lin in specs and "awq" in specs[prefix + lin].rule.transforms]
+        if not flagged:
+            continue
+        if len(flagged) != len(lins):
+            notes.append(f"{prefix}{prev}: awq skipped, the plan scales only {', '.join(flagged)} of {', '.join(lins)}")
+            continue
+        width = block.get_submodule(prev).weight.shape[0]
+        if any(block.get_submodule(lin).weight.shape[1] != width for lin in lins):
+            continue  # e.g. v_proj -> o_proj with grouped-query attention: nothing to fold into
+        pairs.append((prev, lins))
+    return pairs, notes
+
+
+@torch.no_grad()
+def fold_scales(block: nn.Module, prev: str, linears: tuple[str, ...], s: torch.Tensor) -> None:
+    """W_l <- W_l·diag(s) for each linear, prev <- prev / s (a norm's weight, or a linear's output rows)."""
+    p = block.get_submodule(prev)
+    if p.weight.ndim == 1:
+        p.weight.div_(s)
+    else:
+        p.weight.div_(s[:, None])
+    if getattr(p, "bias", None) is not None:
+        p.bias.div_(s)
+    for lin in linears:
+        block.get_submodule(lin).weight.mul_(s[None, :])
+
+
+def block_stats(block: nn.Module, arch: Arch, names: list[str], forward, batches) -> dict[str, tuple]:
+    """{linear: (H = XᵀX/N, mean |x|)} for the linears `names` of the float block (one shared entry per input)."""
+    from qtool.calib.hessian import HessianCollector
+
+    firsts = [g[0] for g in arch.linear_groups if any(lin in names for lin in g)]
+    collector = HessianCollector(block, firsts)
+    hessians = collector.run(forward, batches)
+    stats = {}
+    for g in arch.linear_groups:
+        if g[0] in hessians:
+            for lin in g:
+                stats[lin] = (hessians[g[0]], collector.abs_mean[g[0]])
+    return stats
+
+
+def apply_awq(block: nn.Module, prefix: str, arch: Arch, specs: dict, stats: dict[str, tuple]) -> list[TransformReport]:
+    """Search and fold AWQ scales for every eligible pair of `block`, given the float block's input `stats`
+    (see `block_stats`); the Hessians of the scaled inputs are rescaled in `stats` (H' = S⁻¹ H S⁻¹), so
+    they keep describing the block's linears after the fold. Returns one report per pair (and skipped pair)."""
+    from qtool.methods import awq
+
+    pairs, notes = awq_pairs(arch, prefix, specs, block)
+    reports = [TransformReport("awq", n.split(":")[0], [], None, 1.0, n) for n in notes]
+    for prev, lins in pairs:
+        h, x_abs = stats[lins[0]]
+        weights = [block.get_submodule(lin).weight.detach() for lin in lins]
+        codecs = [specs[prefix + lin].codec for lin in lins]
+        res = awq.search_scale(weights, codecs, h, x_abs)
+        fold_scales(block, prev, lins, res.scales)
+        inv = 1.0 / res.scales
+        scaled = (h * inv[:, None] * inv[None, :], x_abs * inv)
+        for lin in lins:
+            stats[lin] = scaled
+        reports.append(TransformReport("awq", prefix + prev, [prefix + lin for lin in lins], res.alpha,
+                                       round(res.gain, 4)))
+    return reports
