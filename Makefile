@@ -12,7 +12,7 @@ PLAN    ?= configs/w4a16-g64.yaml
 MODEL   ?= smollm2-135m
 OUT     ?= build/demo
 
-.PHONY: install install-test demo test lint bench-real clean
+.PHONY: install install-test demo test lint bench-real clean llama-tools
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,7 +33,12 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test llama-tools
+
+# llama.cpp's llama-quantize/llama-imatrix, the oracles for imatrix files: built from the llama-cpp-python sdist
+# into ~/.cache/qtool (~5 minutes the first time, then a no-op); without them those tests skip, saying why
+llama-tools: | $(BIN)/python
+	tests/tools/build_llama_quantize.sh $(BIN)/python || echo "warning: llama.cpp tools not built; tests/calib/test_imatrix_llama.py will skip"
 
 demo: install
 	mkdir -p build

@@ -112,6 +112,9 @@ def _check_combination(f: Flags) -> None:
     if f.format in ("gptq", "gptq_v2", "awq") and f.group_size == "channel":
         raise UsageError(f"--group-size channel with --format {f.format}: qtool writes {f.format} with groups; "
                          "use --format compressed-tensors")
+    if f.format == "gptq" and f.symmetric is False:
+        raise UsageError("--asym with --format gptq: v1 files cannot hold asymmetric zero points of 0; "
+                         "use --format gptq_v2 (gptqmodel) or --sym")
     if f.format in ("gptq", "gptq_v2") and bits not in (None, 2, 3, 4, 8):
         raise UsageError(f"--format {f.format} holds 2/3/4/8-bit codes; --bits {bits} is not one of them")
     if f.calib is not None and m is not None and m not in CALIBRATED:
@@ -180,6 +183,10 @@ def plan_from_flags(f: Flags, widths: list[int] | None = None, base: Plan | None
         body["ignore"] = list(body.get("ignore", [])) + list(f.ignore)
     if f.format is not None:
         body.setdefault("output", {})["format"] = f.format
+        if f.format == "gptq" and f.symmetric is None and any(r.get("symmetric") is False for r in rule_list):
+            for r in rule_list:
+                r["symmetric"] = True
+            notes.append("--format gptq (v1) holds symmetric codes only: using --sym (--format gptq_v2 keeps asym)")
     chain = [s for r in rule_list for s in (r["method"] if isinstance(r["method"], list) else [r["method"]])]
     calibrated = any(s in ("gptq", "awq") for s in chain)
     if calibrated:

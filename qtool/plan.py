@@ -50,6 +50,7 @@ ON_INDIVISIBLE = ("error", "fallback-per-channel", "fallback-group-64")
 FORMATS = ("compressed-tensors", "bnb", "gptq", "gptq_v2", "awq")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FORMAT_OF_CODEC = {"int": "compressed-tensors", "nf4": "bnb", "fp4": "bnb"}
+FP16_SCALE_FORMATS = ("gptq", "gptq_v2", "awq")
 # which codecs each output format can hold (int codecs: bits allowed in that format)
 FORMAT_CODECS = {"compressed-tensors": {"int": INT_BITS}, "bnb": {"nf4": (), "fp4": ()},
                  "gptq": {"int": (2, 3, 4, 8)}, "gptq_v2": {"int": (2, 3, 4, 8)}, "awq": {"int": (4,)}}
@@ -154,9 +155,13 @@ class Plan:
         """One LayerSpec per quantized linear (module name -> spec); ignored/unmatched modules are absent.
 
         `shapes` maps module names (no `.weight`) to weight shapes (out, in); `dtype` is the artifact's float
-        dtype, which scales are stored in (loaders dequantize in the model dtype). Indivisible group sizes are
+        dtype, which scales are stored in (loaders dequantize in the model dtype; GPTQ/AWQ files hold fp16). Indivisible group sizes are
         handled as `on_indivisible` says; `error` raises IndivisibleError naming the layer and widths.
         """
+        if self.output_format in FP16_SCALE_FORMATS:
+            import torch
+
+            dtype = torch.float16  # these formats store fp16 scales: fit on the grid the file holds
         specs: dict[str, LayerSpec] = {}
         for name in sorted(shapes):
             if any(re.search(p, name) for p in self.ignore):
@@ -367,6 +372,12 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
                                               f"bits; a rule asks for {r.bits}")
                 if fmt in ("gptq", "gptq_v2", "awq") and r.group_size == 0:
                     raise out["format"].error(f"{fmt!r} needs a group size (per-channel is not written by qtool)")
+                if fmt == "gptq" and r.codec == "int" and not r.symmetric:
+                    raise out["format"].error("'gptq' (v1) stores zero-1 and cannot hold asymmetric zero points of 0; "
+                                              "use format gptq_v2, or `symmetric: true` in the rules")
+                if r.method == "hqq" and fmt != "compressed-tensors":
+                    raise out["format"].error(f"hqq's float zero points cannot be written as {fmt!r}; "
+                                              "allowed: compressed-tensors")
         if "dtype" in out:
             kw["dtype"] = out["dtype"].choice(DTYPES)
     if "output_format" not in kw:

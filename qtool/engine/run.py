@@ -105,11 +105,12 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
     if not specs:
         raise UsageError(f"{plan.source}: no rule matches any linear of this model "
                          f"(names look like {next(iter(shapes))})")
+    unquantized = sorted(set(shapes) - set(specs)) + ["lm_head"]
+    out_fmt.config(specs, unquantized, dtype)  # a plan the output format cannot hold fails before any work
     inputs = (source.path,) + ((Path(plan.source),) if plan.source != "<flags>" else ())
     writer = HFWriter(out, force=force, inputs=inputs)  # refuses an existing output or one that is an input
     try:
         manifest = _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, stats)
-        unquantized = sorted(set(shapes) - set(specs)) + ["lm_head"]
         config = cfg.to_dict()
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)

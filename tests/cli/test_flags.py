@@ -82,6 +82,14 @@ def test_flags_override_a_plan_and_say_so(tiny_llama, tmp_path):
     assert "bits: 8" in (tmp_path / "q" / "qtool_plan.yaml").read_text()
 
 
+def test_gptq_v1_format_turns_the_default_symmetric():
+    fp = plan_from_flags(Flags(method="awq", format="gptq"), widths=[256, 512])
+    assert fp.plan.rules[0].symmetric is True and fp.plan.output_format == "gptq"
+    assert any("--format gptq (v1) holds symmetric codes only" in n for n in fp.notes)
+    fp = plan_from_flags(Flags(method="awq", format="gptq_v2"), widths=[256, 512])
+    assert fp.plan.rules[0].symmetric is False
+
+
 def test_default_group_size_follows_the_model_widths():
     assert auto_group_size(128, [576, 1536]) == 64
     assert auto_group_size(128, [512, 1024]) == 128
@@ -101,6 +109,7 @@ def test_default_group_size_follows_the_model_widths():
     (["--method", "gptq", "--format", "bnb"], "--format bnb cannot hold --method gptq"),
     (["--method", "nf4", "--format", "gptq"], "--format gptq cannot hold --method nf4; allowed: bnb"),
     (["--method", "hqq", "--sym"], "--sym with --method hqq"),
+    (["--method", "rtn", "--asym", "--format", "gptq"], "--asym with --format gptq"),
     (["--method", "int8", "--bits", 4], "--bits 4 with --method int8"),
     (["--method", "rtn", "--calib", CHECK_TEXT], "--calib with --method rtn"),
     (["--method", "bogus"], "--method bogus: unknown; allowed: rtn, int8"),
