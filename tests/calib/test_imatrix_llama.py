@@ -190,3 +190,25 @@ def test_llama_imatrix_matches_torch_activations(llama_imatrix_files, tiny_llama
     for name, ref in sums.items():
         err = (im.sums[name].double() - ref).abs().max() / ref.abs().max()
         assert err < 2e-3, (name, float(err))
+
+
+@needs_quantize
+def test_qtool_calibrate_imatrix_drives_llama_quantize(tiny_llama, tiny_gguf, tmp_path):
+    """End to end: `qtool calibrate --imatrix` on the HF model, then llama-quantize on its GGUF twin."""
+    from typer.testing import CliRunner
+
+    from qtool.calib.stats import load as load_stats
+    from qtool.cli.app import app
+
+    text = resources.files("qtool").joinpath("data/check.txt")
+    r = CliRunner().invoke(app, ["calibrate", str(tiny_llama), "--data", str(text), "--samples", "8", "--seq-len", "64",
+                                 "--out", str(tmp_path / "stats"), "--imatrix", str(tmp_path / "imatrix.gguf")])
+    assert r.exit_code == 0, r.output
+    im, stats = read_imatrix(tmp_path / "imatrix.gguf"), load_stats(tmp_path / "stats")
+    assert set(im.means) == LINEARS and im.chunk_count == 8 and im.chunk_size == 64
+    for lin in stats.inputs:
+        mean = im.means[hf_to_gguf_name(lin, 2)]
+        assert torch.allclose(torch.as_tensor(mean), stats.of(lin).sq_mean, rtol=1e-5), lin
+    res = quantize(tiny_gguf, tmp_path / "iq2.gguf", "IQ2_XS", tmp_path / "imatrix.gguf")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"loaded {len(LINEARS)} importance matrix entries" in res.stdout + res.stderr
