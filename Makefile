@@ -29,6 +29,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 # gptqmodel + optimum for GPTQ/AWQ)
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,gptq]'
+	# hqq (the HQQ oracle) is an sdist; without --no-deps and DISABLE_CUDA it would pull a CUDA torch
+	DISABLE_CUDA=1 $(BIN)/pip install -q --no-deps hqq==0.2.8 termcolor
 	touch $@
 
 install: $(VENV)/.installed

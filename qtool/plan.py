@@ -325,6 +325,9 @@ def _rule(n: _Node) -> Rule:
             kw[key] = f[key].boolean()
     if "block_size" in f:
         kw["block_size"] = f["block_size"].choice(BLOCK_SIZES)
+    if kw.get("method") == "hqq" and kw.get("group_size") == 0:
+        raise f["group_size"].error("hqq's float zero points are written per group (compressed-tensors blocks); "
+                                    "allowed: 32, 64, 128, 256")
     if kw.get("method") == "hqq" and kw.get("symmetric"):
         raise f["symmetric"].error("hqq optimises a (float) zero point: it is asymmetric; drop `symmetric: true`")
     steps = (*kw.get("transforms", ()), kw.get("method", "rtn"))

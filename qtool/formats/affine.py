@@ -11,6 +11,12 @@ always representable):
 
 * symmetric:  ``scale = max(|lo|, hi) / qmax`` and ``zero = 0``; no code ever clips.
 * asymmetric: ``scale = (hi - lo) / (2^b - 1)`` and ``zero = clamp(round(qmin - lo / scale), qmin, qmax)``.
+* float zero (``float_zero=True``, asymmetric only; HQQ's zero point): the zero is a float stored in
+  ``scale_dtype``, neither rounded nor clamped, fitted on the group's own range ``lo = min w``, ``hi = max w``
+  (zero need not be representable: a fractional zero cannot reproduce 0 exactly anyway):
+  ``scale = (hi - lo) / (2^b - 1)``, ``zero = qmin - lo / scale``, so ``lo`` maps to ``qmin`` and ``hi`` to
+  ``qmax``. A constant group gets ``scale = 1`` and reconstructs its value up to the zero's rounding in
+  ``scale_dtype``. Codes stay signed b-bit integers; quantize and dequantize use the same formulas.
 
 The scale is rounded to ``scale_dtype`` first and the zero point and codes are computed from that stored
 scale, so `dequantize` returns exactly what a loader (compressed-tensors, vLLM) reconstructs. A group whose
@@ -65,9 +71,11 @@ class AffineCodec:
 
     Fields: `bits` 2..8; `group_size` > 0 columns per group, or 0 for one group per output channel;
     `symmetric` (zero point fixed at 0); `scale_dtype` of the stored scales (float32/float16/bfloat16);
-    `clip_search` to pick a shrunk range per group by (importance-weighted) MSE.
+    `clip_search` to pick a shrunk range per group by (importance-weighted) MSE; `float_zero` for a float
+    zero point (requires ``symmetric=False``).
 
-    params: ``scale`` [out, n_groups] in `scale_dtype`, ``zero`` int8 [out, n_groups] (zeros if symmetric).
+    params: ``scale`` [out, n_groups] in `scale_dtype`, ``zero`` int8 [out, n_groups] (zeros if symmetric),
+    or ``zero`` in `scale_dtype` with `float_zero`.
     codes: int8 [out, in].
     """
 
@@ -76,6 +84,7 @@ class AffineCodec:
     symmetric: bool
     scale_dtype: torch.dtype = torch.float32
     clip_search: bool = False
+    float_zero: bool = False
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -89,14 +98,18 @@ class AffineCodec:
             raise ValueError(
                 f"affine codec: scale_dtype must be one of float32/float16/bfloat16, got {self.scale_dtype!r}"
             )
+        if not isinstance(self.float_zero, bool):
+            raise TypeError(f"affine codec: float_zero must be a bool, got {self.float_zero!r}")
+        if self.float_zero and self.symmetric:
+            raise ValueError("affine codec: float_zero needs symmetric=False (a symmetric zero point is 0)")
 
     # ---- identity -------------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        """``int{bits}_{g<size>|ch}_{sym|asym}[_clip]``, e.g. ``int4_g64_asym``, ``int8_ch_sym``."""
+        """``int{bits}_{g<size>|ch}_{sym|asym}[_clip][_fz]``, e.g. ``int4_g64_asym``, ``int4_g64_asym_fz``."""
         group = f"g{self.group_size}" if self.group_size else "ch"
         kind = "sym" if self.symmetric else "asym"
-        return f"int{self.bits}_{group}_{kind}" + ("_clip" if self.clip_search else "")
+        return f"int{self.bits}_{group}_{kind}" + ("_clip" if self.clip_search else "") + ("_fz" if self.float_zero else "")
 
     @property
     def qmin(self) -> int:
@@ -128,7 +141,8 @@ class AffineCodec:
         """Exact bytes of the compressed-tensors ``pack-quantized`` tensors for a weight of `shape`.
 
         weight_packed int32 [out, ceil(in*b/32)] + weight_scale [out, n_groups] + weight_shape int64 [2]
-        + (asymmetric only) weight_zero_point int32 [ceil(out*b/32), n_groups].
+        + (asymmetric only) weight_zero_point int32 [ceil(out*b/32), n_groups], or with `float_zero`
+        weight_zero_point [out, n_groups] in `scale_dtype` (unpacked; see `formats/compressed_tensors.py`).
         """
         self.check_shape(shape)
         out, inp = shape
@@ -136,7 +150,9 @@ class AffineCodec:
         n = 4 * out * math.ceil(inp * self.bits / 32)
         n += out * g * torch.empty((), dtype=self.scale_dtype).element_size()
         n += 2 * 8
-        if not self.symmetric:
+        if self.float_zero:
+            n += out * g * torch.empty((), dtype=self.scale_dtype).element_size()
+        elif not self.symmetric:
             n += 4 * math.ceil(out * self.bits / 32) * g
         return n
 
@@ -146,7 +162,10 @@ class AffineCodec:
         return w.reshape(out, self.n_groups(inp), self.group_width(inp))
 
     def params_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale in `scale_dtype`, zero int8) for per-group ranges ``lo <= 0 <= hi`` (any equal shapes)."""
+        """(scale in `scale_dtype`, zero) for per-group ranges ``lo <= hi`` (any equal shapes).
+
+        The zero is int8, or with `float_zero` a float in `scale_dtype`. Integer zeros need ``lo <= 0 <= hi``.
+        """
         lo, hi = lo.float(), hi.float()
         if self.symmetric:
             scale = torch.maximum(-lo, hi) / self.qmax
@@ -158,6 +177,10 @@ class AffineCodec:
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         if self.symmetric:
             zero = torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
+        elif self.float_zero:
+            zero = (self.qmin - lo / scale.float()).to(self.scale_dtype)
+            if not torch.isfinite(zero).all():
+                raise ValueError(f"affine codec: zero point overflows {self.scale_dtype} (weight range too large)")
         else:
             zero = torch.round(self.qmin - lo / scale.float()).clamp_(self.qmin, self.qmax).to(torch.int8)
         return scale, zero
@@ -166,8 +189,9 @@ class AffineCodec:
         """Choose ``scale``/``zero`` per (row, group) for `w` (out, in); see the module docstring."""
         w = self._check_weight(w)
         wg = self._grouped(w)
-        lo = wg.amin(dim=-1).clamp(max=0.0)
-        hi = wg.amax(dim=-1).clamp(min=0.0)
+        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+        if not self.float_zero:  # an integer zero point must represent 0: widen the range to include it
+            lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
         if not self.clip_search:
             scale, zero = self.params_from_range(lo, hi)
             return {"scale": scale, "zero": zero}

@@ -12,10 +12,30 @@ Per quantized Linear ``P`` (keys below are relative to ``P.``):
 
 The layout is the one every compressed-tensors reader (and vLLM) expects; for the asymmetric loading bug of
 transformers 5.23-5.24 and how the config works around it, see `quantization_config`.
+
+Float zero points (``AffineCodec(float_zero=True)``, HQQ). compressed-tensors 0.20's dequantize computes
+``(q - zp.to(scale.dtype)) * scale``, so a fractional zero is fine, and ``QuantizationArgs.zp_dtype`` types
+the zero-point parameter. But its pack-quantized compressor packs/unpacks ``weight_zero_point`` as int32 for
+the ``group`` and ``channel`` strategies unconditionally: a float zero point under ``strategy: group``
+fails to load in transformers 5.24 both ways ("Expected torch.int32 but got torch.float16, Aborting
+unpack."). It leaves zero points of the ``block`` strategy alone, and a block of ``[1, group_size]`` is
+exactly a group. So a float-zero codec is written as
+
+* ``weights``: ``strategy: block``, ``block_structure: [1, group_size]``, ``group_size: null``,
+  ``symmetric: false``, ``zp_dtype: torch.<scale dtype>`` (without ``zp_dtype`` the default-path loader
+  creates an int8 parameter and the zeros are truncated);
+* ``weight_zero_point``: [out, n_groups] in the scale dtype, *unpacked*; the other tensors as above.
+
+transformers 5.24 + compressed-tensors 0.20 load it with ``dequantize=True`` bit-exactly and with the
+default path too (no packed zero point, so no size mismatch; the default path makes ``weight_scale`` a
+parameter of the model dtype, so with float16/bfloat16 scales it dequantizes in float32: a ~1e-4 relative
+difference). Limits: per-channel float zeros cannot be written (a ``[1, in]`` block would need the width of
+every module in the config); vLLM's compressed-tensors int kernels take group/channel int zero points only.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 
@@ -103,13 +123,16 @@ def pack(q: QTensor) -> dict[str, torch.Tensor]:
     codec = q.codec
     if not isinstance(codec, AffineCodec):
         raise TypeError(f"compressed-tensors pack needs an AffineCodec, got {type(codec).__name__}")
+    _check_float_zero(codec)
     out, inp = q.shape
     tensors = {
         "weight_packed": pack_int32(q.codes, codec.bits),
         "weight_scale": q.params["scale"].to(codec.scale_dtype).contiguous(),
         "weight_shape": torch.tensor([out, inp], dtype=torch.int64),
     }
-    if not codec.symmetric:
+    if codec.float_zero:
+        tensors["weight_zero_point"] = q.params["zero"].to(codec.scale_dtype).contiguous()
+    elif not codec.symmetric:
         tensors["weight_zero_point"] = pack_int32(q.params["zero"].T.contiguous(), codec.bits).T.contiguous()
     return tensors
 
@@ -125,13 +148,41 @@ def unpack(tensors: dict[str, torch.Tensor], codec: AffineCodec) -> QTensor:
     codes = unpack_int32(tensors["weight_packed"], codec.bits, inp)
     if codec.symmetric:
         zero = torch.zeros(scale.shape, dtype=torch.int8)
+    elif codec.float_zero:
+        zero = tensors["weight_zero_point"]
+        if zero.shape != scale.shape or not zero.is_floating_point():
+            raise ValueError(f"weight_zero_point: expected a float tensor of shape {tuple(scale.shape)}, "
+                             f"got {zero.dtype} {tuple(zero.shape)}")
+        zero = zero.to(codec.scale_dtype)
     else:
         zero = unpack_int32(tensors["weight_zero_point"].T.contiguous(), codec.bits, out).T.contiguous()
     return QTensor(codec=codec, shape=(out, inp), codes=codes, params={"scale": scale, "zero": zero})
 
 
+def _check_float_zero(codec: AffineCodec) -> None:
+    if codec.float_zero and not codec.group_size:
+        raise ValueError(f"{codec.name}: compressed-tensors cannot hold per-channel float zero points (they are "
+                         "written as [1, group_size] blocks); use a group size, e.g. int4_g64_asym_fz")
+
+
 def weight_args(codec: AffineCodec) -> dict:
-    """The ``weights`` QuantizationArgs of a config group, as compressed-tensors 0.20 serializes them."""
+    """The ``weights`` QuantizationArgs of a config group, as compressed-tensors 0.20 serializes them.
+
+    A float-zero codec is a ``[1, group_size]`` block scheme with ``zp_dtype`` (see the module docstring).
+    """
+    if codec.float_zero:
+        _check_float_zero(codec)
+        return {
+            "actorder": None,
+            "block_structure": [1, codec.group_size],
+            "dynamic": False,
+            "group_size": None,
+            "num_bits": codec.bits,
+            "strategy": "block",
+            "symmetric": False,
+            "type": "int",
+            "zp_dtype": str(codec.scale_dtype),
+        }
     return {
         "actorder": None,
         "block_structure": None,
@@ -151,7 +202,8 @@ def quantization_config(
 ) -> dict:
     """The config.json ``quantization_config`` for `schemes` (codec, module names), keys sorted.
 
-    One config group per distinct on-disk scheme (bits, group size, symmetry; not clip_search/scale_dtype),
+    One config group per distinct on-disk scheme (bits, group size, symmetry, float zero with its dtype; not
+    clip_search, nor the scale dtype of integer-zero codecs),
     named ``group_0``, ``group_1``... in order of first appearance. Its ``targets`` are the exact module names
     (compressed-tensors matches targets by exact module name, ``re:`` regex, or class name). When there is a
     single group and `all_linear` (every Linear module name of the model) is given, and the group covers
@@ -168,14 +220,14 @@ def quantization_config(
     know the key, vLLM and compressed-tensors itself, ignore it). A mixed config with an asymmetric group
     has no such fix: see `transformers_load_warning`.
     """
-    merged: dict[tuple, list[str]] = {}  # on-disk scheme (clip_search/scale_dtype do not change it) -> names
+    merged: dict[str, list[str]] = {}  # on-disk scheme (weight_args as JSON) -> module names
     seen: set[str] = set()
     for codec, names in schemes:
         for n in names:
             if n in seen:
                 raise ValueError(f"module {n!r} appears in more than one quantization scheme")
             seen.add(n)
-        merged.setdefault(tuple(weight_args(codec).items()), []).extend(names)
+        merged.setdefault(json.dumps(weight_args(codec), sort_keys=True), []).extend(names)
     if not merged or not seen:
         raise ValueError("quantization_config needs at least one quantized module")
     if seen & set(ignore):
@@ -188,7 +240,7 @@ def quantization_config(
             "input_activations": None,
             "output_activations": None,
             "targets": ["Linear"] if single_all else sorted(names),
-            "weights": dict(args),
+            "weights": json.loads(args),
         }
     cfg = {
         "config_groups": groups,
@@ -210,12 +262,14 @@ def quantization_config(
 def transformers_load_warning(config: dict) -> str | None:
     """A user-facing warning when transformers 5.23-5.24 cannot load `config` (a `quantization_config`).
 
-    That is a mixed config (several groups) with an asymmetric group: the default load fails on the packed
-    zero point and ``dequantize=True`` silently dequantizes every layer with the first group's scheme.
+    That is a mixed config (several groups) with a group of packed integer zero points: the default load
+    fails on the packed zero point and ``dequantize=True`` silently dequantizes every layer with the first
+    group's scheme. Float-zero (block) groups are not packed and load on the default path.
     vLLM and transformers <= 5.22 load it correctly.
     """
     groups = config.get("config_groups", {})
-    if len(groups) > 1 and any(not g["weights"]["symmetric"] for g in groups.values()):
+    packed_zp = [g for g in groups.values() if not g["weights"]["symmetric"] and g["weights"]["strategy"] != "block"]
+    if len(groups) > 1 and packed_zp:
         return (
             "mixed compressed-tensors schemes with an asymmetric group do not load in transformers 5.23-5.24 "
             "(zero-point size mismatch; dequantize=True applies the first group's scheme to all layers); "

@@ -28,8 +28,15 @@ def _ct_codec(qconfig: dict, module: str, scale: torch.Tensor):
             if hit:
                 w = group["weights"]
                 gs = w.get("group_size") if w["strategy"] == "group" else 0
+                if w["strategy"] == "block":  # float zero points: [1, group_size] blocks (formats/compressed_tensors)
+                    block = w.get("block_structure") or []
+                    if len(block) != 2 or block[0] != 1:
+                        raise ModelError(f"{module}: compressed-tensors block {block} is not one qtool loads")
+                    gs = block[1]
+                fz = not w["symmetric"] and str(w.get("zp_dtype")).removeprefix("torch.") in (
+                    "float16", "bfloat16", "float32")
                 return AffineCodec(bits=w["num_bits"], group_size=gs or 0, symmetric=w["symmetric"],
-                                   scale_dtype=scale.dtype)
+                                   scale_dtype=scale.dtype, float_zero=fz)
     raise ModelError(f"quantization_config has no scheme for {module}")
 
 
@@ -44,6 +51,16 @@ def _dequantized(source: ModelSource, qconfig: dict | None, dtype: torch.dtype) 
     elif method == "bitsandbytes":
         keys = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
                 "weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
+    elif method == "gptq":
+        keys = ("qweight", "qzeros", "scales", "g_idx")
+        fmt = qconfig.get("checkpoint_format") or qconfig.get("format") or "gptq"
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ModelError(f"{source.path}: GPTQ checkpoint format {fmt!r} is not one qtool loads (gptq, gptq_v2)")
+    elif method == "awq":
+        keys = ("qweight", "qzeros", "scales")
+        if str(qconfig.get("version", qconfig.get("format", "gemm"))).lower() != "gemm" or not qconfig.get(
+                "zero_point", True):
+            raise ModelError(f"{source.path}: only AWQ version gemm with zero points is loaded by qtool")
     elif method is None:
         keys = ()
     else:
@@ -53,6 +70,8 @@ def _dequantized(source: ModelSource, qconfig: dict | None, dtype: torch.dtype) 
         quantized = {n.removesuffix(".weight_packed") for n in names if n.endswith(".weight_packed")}
     elif method == "bitsandbytes":
         quantized = {n.split(".weight.quant_state.")[0] for n in names if ".weight.quant_state." in n}
+    elif method in ("gptq", "awq"):
+        quantized = {n.removesuffix(".qweight") for n in names if n.endswith(".qweight")}
     for n in names:
         module = next((n.removesuffix("." + k) for k in keys if n.endswith("." + k)
                        and n.removesuffix("." + k) in quantized), None)
@@ -66,6 +85,15 @@ def _dequantized(source: ModelSource, qconfig: dict | None, dtype: torch.dtype) 
 
             codec = _ct_codec(qconfig, module, tensors["weight_scale"])
             sd[module + ".weight"] = compressed_tensors.unpack(tensors, codec).dequantize()
+        elif method in ("gptq", "awq"):
+            from qtool.formats import awq_format, gptq_format
+
+            try:
+                q = (gptq_format.unpack(tensors, qconfig["bits"], qconfig["group_size"], qconfig.get("sym", True), fmt)
+                     if method == "gptq" else awq_format.unpack(tensors, qconfig["group_size"]))
+            except (KeyError, ValueError) as e:
+                raise ModelError(f"{source.path}: {module}: cannot read {method} tensors: {e}") from None
+            sd[module + ".weight"] = q.dequantize()
         else:
             from qtool.formats import bnb
 

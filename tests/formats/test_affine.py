@@ -218,3 +218,76 @@ def test_fast_enough():
     t = time.perf_counter()
     clip.encode(w, torch.rand(576))
     assert time.perf_counter() - t < 5.0
+
+
+# ---- float zero points (HQQ) -------------------------------------------------------------------
+def test_float_zero_identity_and_validation():
+    fz = AffineCodec(4, 64, False, float_zero=True)
+    assert fz.name == "int4_g64_asym_fz" and AffineCodec(8, 0, False, float_zero=True).name == "int8_ch_asym_fz"
+    assert AffineCodec(4, 64, False, clip_search=True, float_zero=True).name == "int4_g64_asym_clip_fz"
+    assert AffineCodec(4, 64, False).float_zero is False and fz != AffineCodec(4, 64, False)
+    with pytest.raises(ValueError, match="symmetric"):
+        AffineCodec(4, 64, True, float_zero=True)
+    with pytest.raises(TypeError):
+        AffineCodec(4, 64, False, float_zero=1)
+    # the zero counts in the scale dtype, unpacked: [out, n_groups]
+    for dt, size in ((torch.float32, 4), (torch.float16, 2)):
+        int_zero, fzc = AffineCodec(4, 64, False, dt), AffineCodec(4, 64, False, dt, float_zero=True)
+        packed_zp = 4 * (48 * 4 // 32) * 4  # int32 [ceil(48*4/32), 4 groups]
+        assert fzc.nbytes((48, 256)) == int_zero.nbytes((48, 256)) - packed_zp + 48 * 4 * size
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group", GROUPS)
+def test_float_zero_fit_is_plain_min_max(bits, group):
+    codec = AffineCodec(bits, group, False, float_zero=True)
+    w = weights()
+    q = codec.encode(w)
+    scale, zero = q.params["scale"], q.params["zero"]
+    assert zero.dtype == torch.float32 and zero.shape == scale.shape
+    assert (zero != zero.round()).any()  # fractional zero points, no rounding
+    wg = w.reshape(48, codec.n_groups(256), -1)
+    lo, hi = wg.amin(-1), wg.amax(-1)  # the group's own range, 0 not forced in
+    nonconst = hi > lo
+    assert torch.allclose(scale[nonconst], ((hi - lo) / (2**bits - 1))[nonconst])
+    assert torch.allclose(zero, codec.qmin - lo / scale)
+    # min maps to qmin and max to qmax; nothing clips, so every error is within half a step
+    assert (q.codes.reshape(wg.shape).amin(-1)[nonconst] == codec.qmin).all()
+    assert (q.codes.reshape(wg.shape).amax(-1)[nonconst] == codec.qmax).all()
+    err = (w - q.dequantize()).abs()
+    s, _ = codec.column_params(q.params, 256)
+    assert (err <= s * (0.5 + 1e-4) + 1e-7).all(), float((err / s).max())
+    if group:
+        assert (q.dequantize()[7, :128] == 0).all()  # constant groups: scale 1, exact
+
+
+def test_float_zero_constant_groups_and_overflow():
+    w = torch.tensor([[0.25] * 32 + [-3.0] * 32])
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        q = AffineCodec(4, 32, False, dt, float_zero=True).encode(w)
+        assert torch.equal(q.dequantize(), w)  # (qmin - (qmin - v)) * 1 == v for these values
+    with pytest.raises(ValueError, match="zero point overflows"):
+        AffineCodec(4, 32, False, torch.float16, float_zero=True).encode(torch.full((1, 32), 7e4))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float_zero_parity_with_compressed_tensors(bits, group, scale_dtype):
+    """compressed-tensors' quantize/dequantize with a float zero ([1, group] block, zp_dtype) equal ours."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, fake_quantize, quantize
+
+    codec = AffineCodec(bits, group, False, scale_dtype=scale_dtype, float_zero=True)
+    w = weights()
+    q = codec.encode(w)
+    assert q.params["zero"].dtype == scale_dtype
+    args = QuantizationArgs(num_bits=bits, symmetric=False, strategy="block", block_structure=[1, group],
+                            zp_dtype=scale_dtype)
+    scale, zero = q.params["scale"], q.params["zero"]
+    assert torch.equal(quantize(w, scale, zero, args, dtype=torch.int8), q.codes)
+    assert torch.equal(dequantize(q.codes, scale, zero, args).float(), q.dequantize())
+    assert torch.equal(fake_quantize(w, scale, zero, args).float(), q.dequantize())
+    # the zero really is used as a float: rounding it changes the weights
+    rounded = dequantize(q.codes, scale, zero.round(), args).float()
+    assert not torch.equal(rounded, q.dequantize())

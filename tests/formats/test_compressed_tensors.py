@@ -158,11 +158,12 @@ def test_quantization_config_single_and_mixed():
 
 
 # ---- the real client: transformers + compressed-tensors ------------------------------------------------
-def write_quantized(src: Path, dst: Path, codec_for, wrong_pack=None) -> dict[str, torch.Tensor]:
+def write_quantized(src: Path, dst: Path, codec_for, wrong_pack=None, method=None) -> dict[str, torch.Tensor]:
     """Quantize every ``*_proj`` Linear of the HF dir `src` into a compressed-tensors dir `dst`.
 
-    `codec_for(module_name)` picks the codec. Returns the float state dict with the dequantized weights (the
-    reference). `wrong_pack(q) -> tensors` replaces `ct.pack` (negative controls).
+    `codec_for(module_name)` picks the codec, `method(w, codec) -> QTensor` the method (default: the codec's
+    own RTN). Returns the float state dict with the dequantized weights (the reference).
+    `wrong_pack(q) -> tensors` replaces `ct.pack` (negative controls).
     """
     dst.mkdir(parents=True)
     state = load_file(src / "model.safetensors")
@@ -174,7 +175,7 @@ def write_quantized(src: Path, dst: Path, codec_for, wrong_pack=None) -> dict[st
             continue
         module = key.removesuffix(".weight")
         codec = codec_for(module)
-        q = codec.encode(w)
+        q = method(w, codec) if method else codec.encode(w)
         reference[key] = q.dequantize()
         for k, t in (wrong_pack or ct.pack)(q).items():
             tensors[f"{module}.{k}"] = t
@@ -304,3 +305,158 @@ def test_mixed_asymmetric_transformers_limits(tiny_llama, tmp_path):
                              quantization_config=CompressedTensorsConfig(dequantize=True))
     else:
         assert logits_rel_error(tiny_llama, dst, reference) <= 1e-3
+
+
+# ---- float zero points (HQQ): [1, group] blocks with zp_dtype ----------------------------------------
+FZ_CODECS = [AffineCodec(4, 64, False, float_zero=True), AffineCodec(2, 32, False, torch.bfloat16, float_zero=True),
+             AffineCodec(3, 128, False, torch.float16, float_zero=True), AffineCodec(8, 64, False, float_zero=True)]
+
+
+def hqq_encode(w, codec):
+    from qtool.methods import hqq
+
+    return hqq.quantize(w, codec)
+
+
+@pytest.mark.parametrize("codec", FZ_CODECS, ids=lambda c: f"{c.name}-{str(c.scale_dtype)[6:]}")
+def test_float_zero_pack_round_trip_and_compressor(codec):
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    w = torch.randn(72, 256) * 0.05
+    q = hqq_encode(w, codec)
+    assert not torch.equal(q.params["zero"], q.params["zero"].round())  # really fractional
+    tensors = ct.pack(q)
+    assert set(tensors) == {"weight_packed", "weight_scale", "weight_shape", "weight_zero_point"}
+    zp = tensors["weight_zero_point"]
+    assert zp.dtype == codec.scale_dtype and zp.shape == (72, codec.n_groups(256))  # unpacked, float
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == codec.nbytes((72, 256)) == q.nbytes
+    back = ct.unpack(tensors, codec)
+    for k in ("scale", "zero"):
+        assert back.params[k].dtype == q.params[k].dtype and torch.equal(back.params[k], q.params[k])
+    assert torch.equal(back.codes, q.codes) and torch.equal(back.dequantize(), q.dequantize())
+    with pytest.raises(ValueError, match="weight_zero_point"):
+        ct.unpack({**tensors, "weight_zero_point": zp.to(torch.int8)}, codec)
+
+    # compressed-tensors' own compressor, fed our weight/scale/zero under our args, writes our tensors
+    args = ct.weight_args(codec)
+    assert args["strategy"] == "block" and args["block_structure"] == [1, codec.group_size]
+    assert QuantizationArgs.model_validate(args).zp_dtype == codec.scale_dtype
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    state = {"weight": w, "weight_scale": q.params["scale"], "weight_zero_point": q.params["zero"]}
+    theirs = PackedQuantizationCompressor.compress(state, scheme)
+    assert set(theirs) == set(tensors)
+    for k in tensors:
+        assert theirs[k].dtype == tensors[k].dtype and torch.equal(theirs[k], tensors[k]), k
+    dense = PackedQuantizationCompressor.decompress(tensors, scheme)["weight"]
+    assert torch.equal(dense.float(), q.dequantize())
+
+
+def test_float_zero_config():
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import CompressedTensorsConfig
+
+    fz = AffineCodec(4, 64, False, float_zero=True)
+    cfg = ct.quantization_config([(fz, NAMES)], ["lm_head"], all_linear=NAMES + ["lm_head"])
+    weights = cfg["config_groups"]["group_0"]["weights"]
+    assert weights == {"actorder": None, "block_structure": [1, 64], "dynamic": False, "group_size": None,
+                       "num_bits": 4, "strategy": "block", "symmetric": False, "type": "int",
+                       "zp_dtype": "torch.float32"}
+    assert cfg["dequantize"] is True and ct.transformers_load_warning(cfg) is None
+    QuantizationConfig.model_validate(cfg)
+    assert CompressedTensorsConfig.from_dict(cfg).is_quantization_compressed
+    # float vs integer zeros, and float zeros of different dtypes, are different on-disk schemes
+    attn = [n for n in NAMES if "self_attn" in n]
+    mlp = [n for n in NAMES if "mlp" in n]
+    mixed = ct.quantization_config([(fz, attn[:2]), (AffineCodec(4, 64, False), attn[2:]),
+                                    (AffineCodec(4, 64, False, torch.float16, float_zero=True), mlp)], [])
+    assert [g["weights"]["strategy"] for g in mixed["config_groups"].values()] == ["block", "group", "block"]
+    assert mixed["config_groups"]["group_2"]["weights"]["zp_dtype"] == "torch.float16"
+    assert ct.transformers_load_warning(mixed)  # the integer asymmetric group still has packed zero points
+    fz_sym = ct.quantization_config([(fz, attn), (AffineCodec(8, 0, True), mlp)], [])
+    assert ct.transformers_load_warning(fz_sym) is None  # float zeros are unpacked: the default path loads
+    per_channel = AffineCodec(4, 0, False, float_zero=True)
+    with pytest.raises(ValueError, match="per-channel"):
+        ct.weight_args(per_channel)
+    with pytest.raises(ValueError, match="per-channel"):
+        ct.pack(per_channel.encode(torch.randn(8, 64)))
+
+
+def fz_rounded(q):
+    """Negative control: the zero point rounded to an integer (what an int zero-point format would keep)."""
+    bad = ct.pack(q)
+    bad["weight_zero_point"] = bad["weight_zero_point"].round()
+    return bad
+
+
+def edit_weights_config(dst: Path, **changes):
+    config = json.loads((dst / "config.json").read_text())
+    qc = config["quantization_config"]
+    for group in qc["config_groups"].values():
+        if group["weights"]["strategy"] == "block":
+            group["weights"].update(changes)
+            group["weights"] = {k: v for k, v in group["weights"].items() if v is not ...}
+    qc.pop("dequantize", None)  # the default (compressed) path
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_transformers_loads_float_zero(tiny_llama, tmp_path, scale_dtype):
+    """HQQ float zeros: the config as written (dequantize=True) loads bit-exactly; the default path too."""
+    dst = tmp_path / "hqq"
+    reference = write_quantized(tiny_llama, dst, lambda m: AffineCodec(4, 64, False, scale_dtype, float_zero=True),
+                                method=hqq_encode)
+    err = logits_rel_error(tiny_llama, dst, reference)
+    print(f"hqq int4_g64 {scale_dtype}: logits rel error {err:.3g}")
+    assert err <= 1e-5
+    from qtool.runtime.load import load_model  # qtool's own loader rebuilds the float-zero codec from the config
+
+    ours = load_model(dst)[0].state_dict()
+    for key, w in reference.items():
+        if key.endswith("_proj.weight"):
+            assert torch.equal(ours[key], w), key
+    edit_weights_config(dst)
+    err = logits_rel_error(tiny_llama, dst, reference)
+    print(f"hqq int4_g64 {scale_dtype} default path: logits rel error {err:.3g}")
+    assert err <= 1e-3  # float16 scales: the default path dequantizes in the model dtype (float32)
+
+
+def test_transformers_loads_mixed_float_zero(tiny_llama, tmp_path):
+    def codec_for(m):
+        return AffineCodec(4, 64, False, float_zero=True) if "self_attn" in m else AffineCodec(8, 0, True)
+
+    dst = tmp_path / "mixed_fz"
+    reference = write_quantized(tiny_llama, dst, codec_for,
+                                method=lambda w, c: hqq_encode(w, c) if c.float_zero else c.encode(w))
+    assert "dequantize" not in json.loads((dst / "config.json").read_text())["quantization_config"]
+    err = logits_rel_error(tiny_llama, dst, reference)
+    print(f"mixed hqq + int8 sym: logits rel error {err:.3g}")
+    assert err <= 1e-3
+
+
+def test_float_zero_negative_controls(tiny_llama, tmp_path):
+    """Each of these must visibly break the load: rounded zeros, no zp_dtype, the `group` strategy."""
+    import compressed_tensors
+
+    def codec_for(m):
+        return AffineCodec(4, 64, False, float_zero=True)
+
+    dst = tmp_path / "rounded"
+    reference = write_quantized(tiny_llama, dst, codec_for, wrong_pack=fz_rounded, method=hqq_encode)
+    err = logits_rel_error(tiny_llama, dst, reference)
+    print(f"zero rounded: logits rel error {err:.3g}")
+    assert err > 0.02
+
+    dst = tmp_path / "no_zp_dtype"  # the default path then makes an int8 zero-point parameter: zeros truncated
+    reference = write_quantized(tiny_llama, dst, codec_for, method=hqq_encode)
+    edit_weights_config(dst, zp_dtype=...)
+    err = logits_rel_error(tiny_llama, dst, reference)
+    print(f"no zp_dtype: logits rel error {err:.3g}")
+    assert err > 0.02
+
+    if compressed_tensors.__version__.startswith("0.20."):  # canary: 0.20 unpacks group zero points as int32
+        dst = tmp_path / "group"
+        reference = write_quantized(tiny_llama, dst, codec_for, method=hqq_encode)
+        edit_weights_config(dst, strategy="group", group_size=64, block_structure=None)
+        with pytest.raises(ValueError, match="int32"):
+            logits_rel_error(tiny_llama, dst, reference)
