@@ -141,7 +141,8 @@ def save(stats: Stats, out: Path, *, force: bool = False) -> None:
     try:
         flat = {f"{key}.{kind}": getattr(st, kind).contiguous() for key, st in sorted(stats.tensors.items())
                 for kind in KINDS}
-        save_file(flat, str(tmp / "stats.safetensors"), metadata={"format": "pt", "qtool_stats": str(FORMAT)})
+        # one metadata key only: safetensors writes __metadata__ from a hash map (key order varies per process)
+        save_file(flat, str(tmp / "stats.safetensors"), metadata={"format": "pt"})
         manifest = {"format": FORMAT, "model_digest": stats.model_digest, "calibration": stats.calibration,
                     "tokens_digest": stats.tokens_digest, "tokens": stats.tokens, "inputs": stats.inputs}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
