@@ -178,7 +178,10 @@ def quantize(
             notes = [n for n in notes if not n.startswith("no calibration text given")]
         console = err if json_out == "-" else stdout
         for n in notes:
-            console.print(f"[cyan]plan[/]: {escape(n)}", highlight=False, soft_wrap=True)
+            if n.startswith("no calibration text given"):
+                warn(n)  # a visible warning naming the flag that changes it
+            else:
+                console.print(f"[cyan]plan[/]: {escape(n)}", highlight=False, soft_wrap=True)
         with progress_bar(json_out != "-") as progress:
             manifest = run(source, the_plan, out, force=force, check=not no_check, progress=progress, stats=stats_obj)
         _summary(manifest, verbose, console)

@@ -152,3 +152,11 @@ def test_eval_gate(tiny_llama, tmp_path):
     assert invoke(*common, "--max-kld", 100).exit_code == 0
     r = invoke("eval", tmp_path / "q", "--text", CHECK_TEXT, "--max-kld", 1)
     assert r.exit_code == 2 and "add --base" in r.stderr
+
+
+def test_calibrated_method_without_data_warns_and_generates(tiny_llama, tmp_path):
+    r = invoke("quantize", tiny_llama, "--method", "gptq", "--samples", 2, "--seq-len", 32, "--out", tmp_path / "q",
+               "--no-check")
+    assert r.exit_code == 0, r.output
+    assert "WARNING" in r.stderr and "no calibration text given" in r.stderr and "--calib FILE" in r.stderr
+    assert "source: generated" in (tmp_path / "q" / "qtool_plan.yaml").read_text()
