@@ -38,6 +38,7 @@ ROWS = [  # (row name, plan yaml text)
     ("gptq int4-g64 asym act-order", (ROOT / "configs" / "gptq-w4g64.yaml").read_text().replace(
         "symmetric: true", "symmetric: false")),
     ("gptq int3-g64 asym act-order", (ROOT / "configs" / "gptq-w3g64.yaml").read_text()),
+    ("hqq int4-g64", "rules:\n  - {match: '.*', method: hqq, bits: 4, group_size: 64}\n"),
     ("awq int4-g64 asym", (ROOT / "configs" / "awq-w4g64.yaml").read_text()),
     ("awq+gptq int4-g64 asym act-order", (ROOT / "configs" / "awq-gptq-w4g64.yaml").read_text()),
     ("awq int3-g64 asym", (ROOT / "configs" / "awq-w4g64.yaml").read_text().replace("bits: 4", "bits: 3")),
