@@ -57,6 +57,18 @@ def progress_bar(enabled: bool = True) -> Iterator:
         bar.stop()
 
 
+def max_kld_option(what: str):
+    """`--max-kld` of quantize and eval: the quality gate on KL divergence (exit 4)."""
+    return typer.Option("--max-kld", min=0.0, help=f"Exit 4 when {what} KL divergence is above this.",
+                        rich_help_panel="Quality gate")
+
+
+def min_same_top_option(what: str):
+    """`--min-same-top` of quantize and eval: the quality gate on same-top % (exit 4)."""
+    return typer.Option("--min-same-top", min=0.0, max=100.0, help=f"Exit 4 when {what} same-top % is below this.",
+                        rich_help_panel="Quality gate")
+
+
 def warn(msg: str) -> None:
     err.print(f"[bold yellow]WARNING[/]: {escape(msg)}", highlight=False, soft_wrap=True)
 

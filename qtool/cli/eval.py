@@ -10,7 +10,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from qtool.cli.common import check_json_dest, err, human_bytes, out, progress_bar, user_errors, write_json
+from qtool.cli.common import (
+    check_json_dest,
+    err,
+    human_bytes,
+    max_kld_option,
+    min_same_top_option,
+    out,
+    progress_bar,
+    user_errors,
+    write_json,
+)
 
 EXAMPLE = """
 [bold]Example[/]: score an artifact against its base on the first 100 chunks of WikiText-2:
@@ -29,33 +39,17 @@ def evaluate(
     ctx: Annotated[int, typer.Option(min=16, help="Tokens per chunk; the second half of each is scored.")] = 512,
     chunks: Annotated[Optional[int], typer.Option(min=1, help="Score at most this many chunks (default: all).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the generated text when no --text is given.")] = 0,
-    max_kld: Annotated[
-        Optional[float],
-        typer.Option(
-            "--max-kld", min=0.0, help="Exit 4 when the KL divergence to --base is above this.", rich_help_panel="Quality gate"
-        ),
-    ] = None,
-    min_same_top: Annotated[
-        Optional[float],
-        typer.Option(
-            "--min-same-top",
-            min=0.0,
-            max=100.0,
-            help="Exit 4 when same-top % against --base is below this.",
-            rich_help_panel="Quality gate",
-        ),
-    ] = None,
+    max_kld: Annotated[Optional[float], max_kld_option("the measured")] = None,
+    min_same_top: Annotated[Optional[float], min_same_top_option("the measured")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write results as JSON to a file ('-' = stdout).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show details and tracebacks.")] = False,
 ) -> None:
     with user_errors(verbose):
-        from qtool.errors import UsageError
+        from qtool.errors import QualityError, UsageError
         from qtool.eval import perplexity as pp
+        from qtool.eval.gate import Gate
         from qtool.io.source import open_model
         from qtool.runtime.load import load_model
-
-        from qtool.errors import QualityError
-        from qtool.eval.gate import Gate
 
         gate = Gate(max_kld, min_same_top)
         if gate.active and base is None:

@@ -9,7 +9,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from qtool.cli.common import check_json_dest, err, human_bytes, progress_bar, user_errors, warn, write_json
+from qtool.cli.common import (
+    check_json_dest,
+    err,
+    human_bytes,
+    max_kld_option,
+    min_same_top_option,
+    progress_bar,
+    user_errors,
+    warn,
+    write_json,
+)
 from qtool.cli.common import out as stdout
 
 EXAMPLE = """
@@ -100,22 +110,8 @@ def quantize(
         str, typer.Option("--device", help="cpu (auto = cpu; the engine runs on the CPU in this version).")
     ] = "auto",
     print_plan: Annotated[bool, typer.Option("--print-plan", help="Print the resulting plan as YAML and exit.")] = False,
-    max_kld: Annotated[
-        Optional[float],
-        typer.Option(
-            "--max-kld", min=0.0, help="Exit 4 when the self-check KL divergence is above this.", rich_help_panel="Quality gate"
-        ),
-    ] = None,
-    min_same_top: Annotated[
-        Optional[float],
-        typer.Option(
-            "--min-same-top",
-            min=0.0,
-            max=100.0,
-            help="Exit 4 when the self-check same-top % is below this.",
-            rich_help_panel="Quality gate",
-        ),
-    ] = None,
+    max_kld: Annotated[Optional[float], max_kld_option("the self-check")] = None,
+    min_same_top: Annotated[Optional[float], min_same_top_option("the self-check")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the built-in quality self-check.")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write results as JSON to a file ('-' = stdout).")] = None,
