@@ -19,6 +19,7 @@ import torch
 from qtool.engine.blocks import BlockRunner, materialize, release, skeleton
 from qtool.engine.check import CheckReport, check_tokens, logit_kld
 from qtool.engine.output import OUTPUTS
+from qtool.engine.staged import StagedBlock
 from qtool.engine.transforms import TransformReport, apply_awq, block_stats
 from qtool.errors import ModelError, UsageError
 from qtool.io.arch import arch_of
@@ -222,19 +223,19 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, s
         for name, p in block.named_parameters():
             if prefix + name.removesuffix(".weight") not in specs or not name.endswith(".weight"):
                 writer.add(prefix + name, _finite(prefix + name, p.detach()).to(dtype))
-        for group in arch.linear_groups:  # true-sequential: later groups see earlier groups quantized
+        staged = StagedBlock(block, arch, crunner, xc) if xc is not None else None
+        for gi, group in enumerate(arch.linear_groups):  # true-sequential: later groups see earlier ones quantized
             members = [lin for lin in group if prefix + lin in specs]
             hessians = {lin: stats[lin][0] for lin in members if lin in stats}
             sequential = [lin for lin in members if getattr(METHODS[specs[prefix + lin].method], "SEQUENTIAL", False)]
-            if xc is not None and sequential:  # GPTQ: H of the inputs the partly quantized block produces
-                from qtool.calib.hessian import HessianCollector
-
-                hessians.update(HessianCollector(block, sequential).run(lambda b: crunner(block, b), xc.split(8)))
+            if staged is not None and sequential:  # GPTQ: H of the inputs the partly quantized block produces
+                h = staged.hessian(gi, prefix + group[0])
+                hessians.update({lin: h for lin in sequential})
             for lin in members:
                 reports.append(_quantize_linear(block, prefix, lin, specs[prefix + lin], hessians.get(lin),
                                                 inputs.get(lin), writer, out_fmt, dtype))
-        if xc is not None:
-            xc = torch.cat([crunner(block, b) for b in xc.split(8)])
+        if staged is not None:
+            xc = staged.output()
         if check:
             yq = runner(block, xq)
             block_err.append(((yq - xf).norm() / xf.norm().clamp_min(1e-12)).item())

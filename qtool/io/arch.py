@@ -19,6 +19,9 @@ class Arch:
     linear_groups: tuple[tuple[str, ...], ...]
     # (norm or linear) -> linears it feeds directly: the smoothing pairs for AWQ/SmoothQuant
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...]
+    # pre-norm residual layout (engine/staged.py): h = x + attn(norm(x)); out = h + mlp(mlp_norm(h))
+    mlp_norm: str = "post_attention_layernorm"
+    mlp: str = "mlp"
 
     def block_prefix(self, i: int) -> str:
         return self.blocks.format(i=i)

@@ -1,0 +1,113 @@
+"""Stage-wise calibration through one pre-norm decoder block, for true-sequential methods (GPTQ).
+
+Inside a block, GPTQ quantizes q/k/v, then o, then gate/up, then down, and each group's Hessian must come
+from inputs that the already-quantized groups produce. Re-running the block from its input for every group
+costs ~2.5 block forwards; walking the block stage by stage and keeping what the next stage needs costs
+about one (plus the gate/up projections once more):
+
+    stage 0  q/k/v input  = attn_norm(x)                       (hooked, the forward stops there)
+    stage 1  o input      = attention(q, k, v)                  (kept: o_in, one tensor like x)
+    stage 2  gate/up input = mlp_norm(h),  h = x + o(o_in)      (h overwrites x in place; o_in is freed)
+    stage 3  down input   = act(gate) * up                      (hooked, recomputed per batch, not kept)
+    output   h + mlp(mlp_norm(h))                               (written into x in place)
+
+The arithmetic is the decoder layer's own (the same modules, the same batches, the same order of
+additions), so the activations equal a plain block forward bit for bit; only the work is shared. Peak
+memory: the stream x plus one tensor of its size (o_in).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qtool.io.arch import Arch
+
+
+class _Stop(Exception):
+    pass
+
+
+class StagedBlock:
+    def __init__(self, block: nn.Module, arch: Arch, runner, x: torch.Tensor, batch: int = 8):
+        self.block, self.arch, self.runner, self.x, self.batch = block, arch, runner, x, batch
+        self.stage = 0
+        self.o_in: torch.Tensor | None = None
+        g = arch.linear_groups
+        self._first = [grp[0] for grp in g]  # the linear whose input each stage collects
+
+    # ---- helpers -------------------------------------------------------------------------------------
+    def _batches(self, t: torch.Tensor):
+        return range(0, t.shape[0], self.batch)
+
+    def _captured(self, module: str, forward):
+        """Run `forward()`, return the input `module` received (the forward stops there)."""
+        box = []
+
+        def hook(m, args):
+            box.append(args[0])
+            raise _Stop
+
+        h = self.block.get_submodule(module).register_forward_pre_hook(hook)
+        try:
+            with torch.inference_mode():
+                forward()
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        return box[0]
+
+    def _inputs(self, stage: int):
+        """Yield the input batches of stage `stage`'s linears (computed with the block as it is now)."""
+        blk, first = self.block, self._first[stage]
+        for i in self._batches(self.x):
+            xb = self.x[i:i + self.batch]
+            if stage in (0, 3) or (stage == 1 and self.o_in is None):
+                if stage == 3:
+                    norm, mlp = blk.get_submodule(self.arch.mlp_norm), blk.get_submodule(self.arch.mlp)
+                    yield self._captured(first, lambda: mlp(norm(xb)))
+                else:
+                    yield self._captured(first, lambda: self.runner(blk, xb))
+            elif stage == 1:
+                yield self.o_in[i:i + self.batch]
+            else:
+                with torch.inference_mode():
+                    yield blk.get_submodule(self.arch.mlp_norm)(xb)
+
+    # ---- API -----------------------------------------------------------------------------------------
+    def hessian(self, stage: int, name: str) -> torch.Tensor:
+        """XᵀX/N (float32) of the input of linear group `stage`, as the partly quantized block produces it."""
+        self._goto(stage)
+        h, n = None, 0
+        for a in self._inputs(stage):
+            a = a.reshape(-1, a.shape[-1]).float()
+            if not torch.isfinite(a).all():
+                raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
+            h = a.T @ a if h is None else h.addmm_(a.T, a)
+            n += a.shape[0]
+        return h / max(n, 1)
+
+    def output(self) -> torch.Tensor:
+        """The block's output for the whole stream (every group quantized by now); reuses x's memory."""
+        self._goto(3)
+        blk = self.block
+        norm, mlp = blk.get_submodule(self.arch.mlp_norm), blk.get_submodule(self.arch.mlp)
+        with torch.inference_mode():
+            for i in self._batches(self.x):
+                xb = self.x[i:i + self.batch]
+                xb.copy_(xb + mlp(norm(xb)))
+        return self.x
+
+    def _goto(self, stage: int) -> None:
+        while self.stage < stage:
+            if self.stage == 0:  # q/k/v are final: keep the attention output (o's input)
+                self.o_in = torch.cat(list(self._inputs(1)))
+            elif self.stage == 1:  # o is final: x <- x + o(o_in), the residual stream after attention
+                o = self.block.get_submodule(self.arch.linear_groups[1][0])
+                with torch.inference_mode():
+                    for i in self._batches(self.x):
+                        xb = self.x[i:i + self.batch]
+                        xb.copy_(xb + o(self.o_in[i:i + self.batch]))
+                self.o_in = None
+            self.stage += 1
