@@ -155,8 +155,8 @@ class Plan:
         """One LayerSpec per quantized linear (module name -> spec); ignored/unmatched modules are absent.
 
         `shapes` maps module names (no `.weight`) to weight shapes (out, in); `dtype` is the artifact's float
-        dtype, which scales are stored in (loaders dequantize in the model dtype; GPTQ/AWQ files hold fp16). Indivisible group sizes are
-        handled as `on_indivisible` says; `error` raises IndivisibleError naming the layer and widths.
+        dtype, which scales are stored in (loaders dequantize in the model dtype; GPTQ/AWQ files hold fp16).
+        Indivisible group sizes are handled as `on_indivisible` says; `error` raises IndivisibleError naming the layer and widths.
         """
         if self.output_format in FP16_SCALE_FORMATS:
             import torch

@@ -10,15 +10,25 @@ class _Stop(Exception):
     """Raised by the last hook of a group: the rest of the block's forward is not needed."""
 
 
+def rows_of(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Activations entering linear `name` as float32 rows (tokens, features); NaN/Inf is an error naming it."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
+    return x
+
+
 class HessianCollector:
     """Accumulates H = XᵀX / N (float32) and mean |x| over the inputs of `names` in `block`; stops the
-    forward early once every hooked linear has seen its input. After `run`, `abs_mean[name]` holds mean |x|."""
+    forward early once every hooked linear has seen its input. After `run`, `abs_mean[name]` holds mean |x|
+    and `absmax[name]` max |x|."""
 
     def __init__(self, block: nn.Module, names: list[str], early_stop: bool = True):
         self.early_stop = early_stop
         self.h = {n: None for n in names}
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.abs_mean: dict[str, torch.Tensor] = {}
+        self.absmax: dict[str, torch.Tensor] = {}
         self.count = {n: 0 for n in names}
         self._seen: set[str] = set()
         self._last_input = self._last_h = self._last_abs = None
@@ -28,15 +38,15 @@ class HessianCollector:
         def hook(module, args):
             rows = args[0].numel() // args[0].shape[-1]
             if args[0] is self._last_input:  # q/k/v (and gate/up) share one input: one XᵀX for all
-                h, a = self._last_h.clone(), self._last_abs
+                h, (a, m) = self._last_h.clone(), self._last_abs
             else:
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                if not torch.isfinite(x).all():
-                    raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
-                h, a = x.T @ x, x.abs().sum(0)
-                self._last_input, self._last_h, self._last_abs = args[0], h, a
+                x = rows_of(args[0], name)
+                xa = x.abs()
+                h, a, m = x.T @ x, xa.sum(0), xa.amax(0)
+                self._last_input, self._last_h, self._last_abs = args[0], h, (a, m)
             self.h[name] = h if self.h[name] is None else self.h[name].add_(h)
             self.abs_sum[name] = a.clone() if name not in self.abs_sum else self.abs_sum[name].add_(a)
+            self.absmax[name] = m.clone() if name not in self.absmax else torch.maximum(self.absmax[name], m)
             self.count[name] += rows
             self._seen.add(name)
             if len(self._seen) == len(self.h):

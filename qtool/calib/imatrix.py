@@ -309,7 +309,8 @@ def _read_gguf(c: _Cursor) -> Imatrix:
         if n_counts != n_mat or ne[0] == 0:
             raise ModelError(f"{c.path}: imatrix entry {name!r}: {SUM_SUFFIX} ne={ne} does not match {n_counts} count(s)")
         if n_mat != 1:
-            raise ModelError(f"{c.path}: imatrix entry {name!r} has {n_mat} per-expert (MoE) vectors; only dense entries are read")
+            raise ModelError(f"{c.path}: imatrix entry {name!r} has {n_mat} per-expert (MoE) vectors; "
+                             "only dense entries are read")
         raw[name] = (np.frombuffer(c.data, "<f4", ne[0], at), float(np.frombuffer(c.data, "<f4", 1, counts[1])[0]))
     for cname in tensors:
         if cname.endswith(COUNT_SUFFIX) and cname.removesuffix(COUNT_SUFFIX) not in raw:

@@ -101,23 +101,17 @@ def collect(source, calibration, *, progress: Callable[[str, int, int], None] | 
         prefix = arch.block_prefix(i)
         block = materialize(skel.get_submodule(prefix.rstrip(".")), prefix, source)
         firsts = [g[0] for g in arch.linear_groups]
-        absmax = {f: torch.zeros(block.get_submodule(f).weight.shape[1]) for f in firsts}
-        def track(m, a, f):  # returns None: a pre-hook's return value would replace the input
-            torch.maximum(absmax[f], a[0].detach().abs().amax(dim=(0, 1)), out=absmax[f])
-
-        hooks = [block.get_submodule(f).register_forward_pre_hook(lambda m, a, f=f: track(m, a, f)) for f in firsts]
         collector = HessianCollector(block, firsts, early_stop=False)
         outs = []
         hess = collector.run(lambda b: outs.append(runner(block, b)), x.split(batch))
-        for h in hooks:
-            h.remove()
         x = torch.cat(outs)
         for g in arch.linear_groups:
             key = prefix + g[0]
             for lin in g:
                 inputs[prefix + lin] = key
             hg = hess[g[0]]
-            tensors[key] = InputStats(hg, collector.abs_mean[g[0]], hg.diagonal().clone(), absmax[g[0]])
+            tensors[key] = InputStats(hg, collector.abs_mean[g[0]], hg.diagonal().clone(),
+                                       collector.absmax[g[0]])
         release(block)
         progress("calibrate", i + 1, n)
     from qtool.calib.data import source_digest

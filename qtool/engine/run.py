@@ -107,7 +107,7 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
         raise UsageError(f"{plan.source}: no rule matches any linear of this model "
                          f"(names look like {next(iter(shapes))})")
     unquantized = sorted(set(shapes) - set(specs)) + ["lm_head"]
-    out_fmt.config(specs, unquantized, dtype)  # a plan the output format cannot hold fails before any work
+    qconfig = out_fmt.config(specs, unquantized, dtype)  # a plan the format cannot hold fails before any work
     inputs = (source.path,) + ((Path(plan.source),) if plan.source != "<flags>" else ())
     writer = HFWriter(out, force=force, inputs=inputs)  # refuses an existing output or one that is an input
     try:
@@ -115,7 +115,7 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
         config = cfg.to_dict()
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
-        config["quantization_config"] = out_fmt.config(specs, unquantized, dtype)
+        config["quantization_config"] = qconfig
         warning = out_fmt.warning(config["quantization_config"])
         manifest.warnings += [warning] if warning else []
         _copy_tokenizer(source, writer)
@@ -227,7 +227,7 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, s
         for gi, group in enumerate(arch.linear_groups):  # true-sequential: later groups see earlier ones quantized
             members = [lin for lin in group if prefix + lin in specs]
             hessians = {lin: stats[lin][0] for lin in members if lin in stats}
-            sequential = [lin for lin in members if getattr(METHODS[specs[prefix + lin].method], "SEQUENTIAL", False)]
+            sequential = [lin for lin in members if METHODS[specs[prefix + lin].method].SEQUENTIAL]
             if staged is not None and sequential:  # GPTQ: H of the inputs the partly quantized block produces
                 h = staged.hessian(gi, prefix + group[0])
                 hessians.update({lin: h for lin in sequential})

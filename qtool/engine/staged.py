@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qtool.calib.hessian import rows_of
 from qtool.io.arch import Arch
 
 
@@ -81,9 +82,7 @@ class StagedBlock:
         self._goto(stage)
         h, n = None, 0
         for a in self._inputs(stage):
-            a = a.reshape(-1, a.shape[-1]).float()
-            if not torch.isfinite(a).all():
-                raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
+            a = rows_of(a, name)
             h = a.T @ a if h is None else h.addmm_(a.T, a)
             n += a.shape[0]
         return h / max(n, 1)
