@@ -53,5 +53,13 @@ test: install-test
 bench-real: install-test
 	$(BIN)/python bench/real.py --data $(DATA) --out bench/results
 
+# llm-compressor's GPTQ beside qtool's (same calibration token ids, same evaluator): bench/peers.py installs
+# llm-compressor 0.14 into its own venv (~/.cache/qtool/peers-venv), never into .venv. Quick run:
+# make bench-peers PEERS_ARGS='--samples 4 --chunks 2 --out /tmp/peers'
+PEERS_ARGS ?=
+.PHONY: bench-peers
+bench-peers: install
+	$(BIN)/python bench/peers.py --data $(DATA) --out bench/results $(PEERS_ARGS)
+
 clean:
 	rm -rf build .pytest_cache

@@ -35,6 +35,8 @@ ROWS = [  # (row name, plan yaml text)
     ("nf4-b64 +dq", "rules:\n  - {match: '.*', codec: nf4, block_size: 64, double_quant: true}\n"),
     # calibrated rows: calibration-mixed.txt, 128 x 512 tokens, seed 0 (see --calib below)
     ("gptq int4-g64 sym act-order", (ROOT / "configs" / "gptq-w4g64.yaml").read_text()),
+    ("gptq int4-g64 sym act-order +clip", (ROOT / "configs" / "gptq-w4g64.yaml").read_text().replace(
+        "symmetric: true", "symmetric: true\n    clip_search: true")),
     ("gptq int4-g64 asym act-order", (ROOT / "configs" / "gptq-w4g64.yaml").read_text().replace(
         "symmetric: true", "symmetric: false")),
     ("gptq int3-g64 asym act-order", (ROOT / "configs" / "gptq-w3g64.yaml").read_text()),

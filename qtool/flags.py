@@ -16,6 +16,8 @@ Method presets (each shown in `qtool quantize --help` and in the run summary):
 | awq | AWQ scales + clip search | 4 | 128 | asym | generated |
 | awq-gptq | AWQ scales, then GPTQ | 4 | 128 | asym | generated |
 | hqq | half-quadratic zero/scale, no data | 4 | 64 | asym (float zero) | none |
+| smoothquant | SmoothQuant α 0.5, int8 weights + per-token int8 activations (W8A8) | 8 | channel | sym | generated |
+| llm-int8 | LLM.int8(): W8A8, input columns with \|x\| > 6.0 kept in float (bitsandbytes) | 8 | channel | sym | none |
 
 The default group size (128; 64 for hqq) is lowered for the whole model to the largest of 128/64/32 that
 divides every quantized layer's input width (SmolLM2's 576 gives 64): one scheme per artifact, so every
@@ -42,15 +44,20 @@ PRESETS: dict[str, dict] = {
     "awq-gptq": {"method": ["awq", "gptq"], "codec": "int", "bits": 4, "group_size": 128, "symmetric": False,
                  "act_order": True, "damp": 0.01},
     "hqq": {"method": "hqq", "codec": "int", "bits": 4, "group_size": 64, "symmetric": False},
+    "smoothquant": {"method": ["smoothquant", "rtn"], "codec": "int", "bits": 8, "group_size": "channel",
+                    "symmetric": True, "activations": "int8", "alpha": 0.5},
+    "llm-int8": {"method": "rtn", "codec": "int", "bits": 8, "group_size": "channel", "symmetric": True,
+                 "activations": "int8", "outlier_threshold": 6.0},
 }
 METHOD_NAMES = tuple(PRESETS)
 FORMAT_NAMES = ("compressed-tensors", "gptq", "gptq_v2", "awq", "bnb")
-CALIBRATED = ("gptq", "awq", "awq-gptq")
+CALIBRATED = ("gptq", "awq", "awq-gptq", "smoothquant")
 # which output formats each method's codes can be written in
 FORMATS_OF = {"rtn": ("compressed-tensors", "gptq", "gptq_v2", "awq"), "int8": ("compressed-tensors", "gptq", "gptq_v2"),
               "nf4": ("bnb",), "fp4": ("bnb",), "gptq": ("compressed-tensors", "gptq", "gptq_v2", "awq"),
               "awq": ("compressed-tensors", "gptq", "gptq_v2", "awq"),
-              "awq-gptq": ("compressed-tensors", "gptq", "gptq_v2", "awq"), "hqq": ("compressed-tensors",)}
+              "awq-gptq": ("compressed-tensors", "gptq", "gptq_v2", "awq"), "hqq": ("compressed-tensors",),
+              "smoothquant": ("compressed-tensors",), "llm-int8": ("bnb",)}
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,11 @@ def _check_combination(f: Flags) -> None:
             raise UsageError(f"--sym/--asym do not apply to --method {m} (a fixed 4-bit code book); drop it")
     if m == "int8" and f.bits not in (None, 8):
         raise UsageError(f"--bits {f.bits} with --method int8: int8 is 8-bit; use --method rtn --bits {f.bits}")
+    if m == "llm-int8" and (f.bits not in (None, 8) or f.group_size not in (None, "channel") or f.symmetric is False):
+        raise UsageError("--bits/--group-size/--asym with --method llm-int8: LLM.int8 (bitsandbytes) is 8-bit "
+                         "symmetric per channel; drop them")
+    if m == "smoothquant" and f.symmetric is False:
+        raise UsageError("--asym with --method smoothquant: W8A8 int kernels take symmetric weights; drop --asym")
     if m == "hqq" and f.symmetric:
         raise UsageError("--sym with --method hqq: HQQ optimises a float zero point (asymmetric); drop --sym")
     if f.format is not None and m is not None and f.format not in FORMATS_OF[m]:
@@ -166,7 +178,7 @@ def plan_from_flags(f: Flags, widths: list[int] | None = None, base: Plan | None
             preset = PRESETS[f.method]
             for r in rule_list:
                 r["method"] = preset["method"]
-                for k in ("act_order", "damp"):
+                for k in ("act_order", "damp", "activations", "outlier_threshold", "alpha"):
                     if k in preset and k not in r:
                         r[k] = preset[k]
             notes.append(f"--method {f.method} overrides the plan's methods ({len(rule_list)} rules)")
@@ -188,7 +200,7 @@ def plan_from_flags(f: Flags, widths: list[int] | None = None, base: Plan | None
                 r["symmetric"] = True
             notes.append("--format gptq (v1) holds symmetric codes only: using --sym (--format gptq_v2 keeps asym)")
     chain = [s for r in rule_list for s in (r["method"] if isinstance(r["method"], list) else [r["method"]])]
-    calibrated = any(s in ("gptq", "awq") for s in chain)
+    calibrated = any(s in ("gptq", "awq", "smoothquant") for s in chain)
     if calibrated:
         cal = dict(body.get("calibration") or {"source": "generated", "samples": 128, "seq_len": 512, "seed": 0})
         for key, value in (("source", f.calib), ("samples", f.samples), ("seq_len", f.seq_len), ("seed", f.seed)):

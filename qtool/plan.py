@@ -39,8 +39,9 @@ from qtool.errors import IndivisibleError, PlanError
 from qtool.formats.base import Codec
 
 METHODS = ("rtn", "gptq", "awq", "hqq")  # weight methods: the last step of a rule
-TRANSFORMS = ("awq",)  # float rewrites applied before the weight method (`method: [awq, gptq]`)
-CALIBRATED = ("gptq", "awq")
+TRANSFORMS = ("awq", "smoothquant")  # float rewrites applied before the weight method (`method: [awq, gptq]`)
+CALIBRATED = ("gptq", "awq", "smoothquant")
+ACTIVATIONS = ("none", "int8")  # int8: dynamic per-token symmetric int8 inputs at run time (W8A8)
 ASYMMETRIC_DEFAULT = ("awq", "hqq")  # methods whose rules default to `symmetric: false` (zero points)
 CODECS = ("int", "nf4", "fp4")
 INT_BITS = (2, 3, 4, 8)
@@ -52,7 +53,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 FORMAT_OF_CODEC = {"int": "compressed-tensors", "nf4": "bnb", "fp4": "bnb"}
 FP16_SCALE_FORMATS = ("gptq", "gptq_v2", "awq")
 # which codecs each output format can hold (int codecs: bits allowed in that format)
-FORMAT_CODECS = {"compressed-tensors": {"int": INT_BITS}, "bnb": {"nf4": (), "fp4": ()},
+FORMAT_CODECS = {"compressed-tensors": {"int": INT_BITS}, "bnb": {"nf4": (), "fp4": (), "int": (8,)},
                  "gptq": {"int": (2, 3, 4, 8)}, "gptq_v2": {"int": (2, 3, 4, 8)}, "awq": {"int": (4,)}}
 
 
@@ -71,6 +72,9 @@ class Rule:
     act_order: bool = False  # gptq: visit columns by decreasing diag(H) (groups then static)
     static_groups: bool = False  # gptq: fit group parameters on the original weights
     transforms: tuple[str, ...] = ()  # applied in order before `method`, e.g. ("awq",)
+    activations: str = "none"  # "int8": inputs quantized per token at run time (W8A8)
+    outlier_threshold: float = 0.0  # LLM.int8(): input columns with any |x| above it stay float (0 = none)
+    alpha: float = 0.5  # smoothquant: migration strength, s_j = max|x_j|^alpha / max|w_j|^(1-alpha)
 
     @property
     def steps(self) -> tuple[str, ...]:
@@ -139,6 +143,12 @@ class Plan:
                 d.pop("bits"), d.pop("group_size"), d.pop("symmetric"), d.pop("clip_search")
             if r.method != "gptq":
                 d.pop("damp"), d.pop("act_order"), d.pop("static_groups")
+            if r.activations == "none":
+                d.pop("activations"), d.pop("outlier_threshold")
+            elif r.outlier_threshold == 0:
+                d.pop("outlier_threshold")
+            if "smoothquant" not in r.transforms:
+                d.pop("alpha")
             rules.append(d)
         body = {
             "rules": rules,
@@ -275,7 +285,7 @@ class _Node:
 
 
 RULE_FIELDS = ("match", "method", "codec", "bits", "group_size", "symmetric", "clip_search", "block_size",
-               "double_quant", "damp", "act_order", "static_groups")
+               "double_quant", "damp", "act_order", "static_groups", "activations", "outlier_threshold", "alpha")
 GPTQ_FIELDS = ("damp", "act_order", "static_groups")
 
 
@@ -290,7 +300,9 @@ def _method_chain(n: _Node) -> dict[str, Any]:
         if len(set(chain)) != len(chain):
             raise n.error("a transform is listed twice")
         return {"method": last.choice(METHODS), "transforms": chain}
-    method = n.choice(METHODS)
+    method = n.choice(METHODS + tuple(t for t in TRANSFORMS if t not in METHODS))
+    if method not in METHODS and method in TRANSFORMS:
+        raise n.error(f"{method} is a transform: follow it with a weight method, e.g. [{method}, rtn]")
     return {"method": method, "transforms": ("awq",) if method == "awq" else ()}
 
 
@@ -325,6 +337,19 @@ def _rule(n: _Node) -> Rule:
             kw[key] = f[key].boolean()
     if "block_size" in f:
         kw["block_size"] = f["block_size"].choice(BLOCK_SIZES)
+    if "activations" in f:
+        kw["activations"] = f["activations"].choice(ACTIVATIONS)
+        if kw["activations"] != "none" and codec != "int":
+            raise f["activations"].error(f"int8 activations run against int weights; codec {codec!r} is not supported")
+    if "outlier_threshold" in f:
+        kw["outlier_threshold"] = f["outlier_threshold"].number(float, 0.0, 1e6)
+        if kw.get("activations", "none") == "none" and kw["outlier_threshold"] > 0:
+            raise f["outlier_threshold"].error("keeps outlier input columns out of int8 activations: "
+                                               "it needs `activations: int8`")
+    if "alpha" in f:
+        if "smoothquant" not in kw.get("transforms", ()):
+            raise f["alpha"].error("applies only to the smoothquant transform, e.g. `method: [smoothquant, rtn]`")
+        kw["alpha"] = f["alpha"].number(float, 0.0, 1.0)
     if kw.get("method") == "hqq" and kw.get("group_size") == 0:
         raise f["group_size"].error("hqq's float zero points are written per group (compressed-tensors blocks); "
                                     "allowed: 32, 64, 128, 256")
@@ -360,7 +385,8 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
         kw["ignore"] = tuple(n.regex() for n in top["ignore"].sequence())
     if "on_indivisible" in top:
         kw["on_indivisible"] = top["on_indivisible"].choice(ON_INDIVISIBLE)
-    formats = {FORMAT_OF_CODEC[r.codec] for r in rules}
+    # LLM.int8 (outlier columns) is a bitsandbytes layout; everything else follows its codec
+    formats = {"bnb" if r.outlier_threshold > 0 else FORMAT_OF_CODEC[r.codec] for r in rules}
     if "output" in top:
         out = top["output"].mapping(("format", "dtype"))
         if "format" in out:
@@ -378,6 +404,17 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
                 if fmt == "gptq" and r.codec == "int" and not r.symmetric:
                     raise out["format"].error("'gptq' (v1) stores zero-1 and cannot hold asymmetric zero points of 0; "
                                               "use format gptq_v2, or `symmetric: true` in the rules")
+                if fmt == "bnb" and r.codec == "int" and (r.group_size != 0 or not r.symmetric
+                                                          or r.activations != "int8"):
+                    raise out["format"].error("bitsandbytes int8 (LLM.int8) holds 8-bit symmetric per-channel weights "
+                                              "and always runs int8 activations: use `group_size: channel`, "
+                                              "`symmetric: true`, `activations: int8`")
+                if r.activations != "none" and fmt not in ("compressed-tensors", "bnb"):
+                    raise out["format"].error(f"{fmt!r} has no activation scheme; int8 activations are written as "
+                                              "compressed-tensors (W8A8) or bnb (LLM.int8)")
+                if r.outlier_threshold > 0 and fmt != "bnb":
+                    raise out["format"].error(f"{fmt!r} cannot hold an outlier threshold; LLM.int8 artifacts are "
+                                              "bitsandbytes int8: `output: {format: bnb}`")
                 if r.method == "hqq" and fmt != "compressed-tensors":
                     raise out["format"].error(f"hqq's float zero points cannot be written as {fmt!r}; "
                                               "allowed: compressed-tensors")
@@ -385,9 +422,14 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
             kw["dtype"] = out["dtype"].choice(DTYPES)
     if "output_format" not in kw:
         if len(formats) > 1:
-            raise top["rules"].error("rules mix int codecs (compressed-tensors) with nf4/fp4 (bitsandbytes); "
-                                     "one artifact holds one format")
+            raise top["rules"].error("rules mix compressed-tensors (int codecs) with bitsandbytes (nf4/fp4, or "
+                                     "int8 with an outlier_threshold); one artifact holds one format")
         kw["output_format"] = formats.pop()
+        if kw["output_format"] == "bnb":
+            for r in rules:
+                if r.codec == "int" and (r.group_size != 0 or not r.symmetric or r.bits != 8):
+                    raise top["rules"].error("LLM.int8 (outlier_threshold) runs 8-bit symmetric per-channel weights: "
+                                             "use `bits: 8`, `group_size: channel`, `symmetric: true`")
     if "check" in top:
         chk = top["check"].mapping(("sequences", "seq_len", "warn_kld"))
         if "sequences" in chk:

@@ -18,13 +18,45 @@ def rows_of(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+def gram_upper_(h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Accumulate the upper block triangle of XᵀX into `h` (allocated when None); finish with `symmetric_`.
+
+    XᵀX is symmetric, so only row panels against the columns from the panel's start on are multiplied:
+    with k panels ~(k+1)/2k of the full product's work (k = 3 for wide inputs: 2/3), still as a few large
+    GEMMs written in place into `h` (a row slice is a valid BLAS output). The diagonal blocks are computed
+    whole; everything below them is filled by `symmetric_`.
+    """
+    n = x.shape[1]
+    with torch.inference_mode(False):  # callers may run inside inference mode: h must stay a normal tensor
+        if h is None:
+            h = torch.zeros(n, n, dtype=x.dtype)
+        for a0, a1 in _panels(n):
+            h[a0:a1, a0:].addmm_(x[:, a0:a1].T, x[:, a0:])
+    return h
+
+
+def symmetric_(h: torch.Tensor) -> torch.Tensor:
+    """Fill the part of `h` below the diagonal blocks of `gram_upper_` from the part above it (exactly)."""
+    n = h.shape[0]
+    for a0, a1 in _panels(n):
+        h[a1:, a0:a1] = h[a0:a1, a1:].T
+    return h
+
+
+def _panels(n: int) -> list[tuple[int, int]]:
+    k = 1 if n < 256 else 2 if n < 1024 else 3
+    c = -(-n // k)
+    return [(a, min(a + c, n)) for a in range(0, n, c)]
+
+
 class HessianCollector:
     """Accumulates H = XᵀX / N (float32) and mean |x| over the inputs of `names` in `block`; stops the
     forward early once every hooked linear has seen its input. After `run`, `abs_mean[name]` holds mean |x|
-    and `absmax[name]` max |x|."""
+    and `absmax[name]` max |x|. With `hessian=False` XᵀX is skipped (`run` then maps every name to None)."""
 
-    def __init__(self, block: nn.Module, names: list[str], early_stop: bool = True):
+    def __init__(self, block: nn.Module, names: list[str], early_stop: bool = True, hessian: bool = True):
         self.early_stop = early_stop
+        self.hessian = hessian
         self.h = {n: None for n in names}
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.abs_mean: dict[str, torch.Tensor] = {}
@@ -38,13 +70,14 @@ class HessianCollector:
         def hook(module, args):
             rows = args[0].numel() // args[0].shape[-1]
             if args[0] is self._last_input:  # q/k/v (and gate/up) share one input: one XᵀX for all
-                h, (a, m) = self._last_h.clone(), self._last_abs
+                h, (a, m) = (self._last_h.clone() if self.hessian else None), self._last_abs
             else:
                 x = rows_of(args[0], name)
                 xa = x.abs()
-                h, a, m = x.T @ x, xa.sum(0), xa.amax(0)
+                h, a, m = (gram_upper_(None, x) if self.hessian else None), xa.sum(0), xa.amax(0)
                 self._last_input, self._last_h, self._last_abs = args[0], h, (a, m)
-            self.h[name] = h if self.h[name] is None else self.h[name].add_(h)
+            if self.hessian:
+                self.h[name] = h if self.h[name] is None else self.h[name].add_(h)
             self.abs_sum[name] = a.clone() if name not in self.abs_sum else self.abs_sum[name].add_(a)
             self.absmax[name] = m.clone() if name not in self.absmax else torch.maximum(self.absmax[name], m)
             self.count[name] += rows
@@ -69,4 +102,4 @@ class HessianCollector:
                 hk.remove()
             self._last_input = self._last_h = self._last_abs = None
         self.abs_mean = {n: a / max(self.count[n], 1) for n, a in self.abs_sum.items()}
-        return {n: h / max(self.count[n], 1) for n, h in self.h.items()}
+        return {n: None if h is None else symmetric_(h).div_(max(self.count[n], 1)) for n, h in self.h.items()}

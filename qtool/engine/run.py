@@ -20,7 +20,7 @@ from qtool.engine.blocks import BlockRunner, materialize, release, skeleton
 from qtool.engine.check import CheckReport, check_tokens, logit_kld
 from qtool.engine.output import OUTPUTS
 from qtool.engine.staged import StagedBlock
-from qtool.engine.transforms import TransformReport, apply_awq, block_stats
+from qtool.engine.transforms import TransformReport, apply_transforms, block_stats
 from qtool.errors import ModelError, UsageError
 from qtool.io.arch import arch_of
 from qtool.io.hf_writer import HFWriter
@@ -145,7 +145,9 @@ def _copy_tokenizer(source: ModelSource, writer: HFWriter) -> None:
 
 def _quantize_linear(block, prefix, lin, spec, hessian, x, writer, out_fmt, dtype) -> LayerReport:
     """Quantize one linear through its method and codec, write it, and leave its dequantized weight in
-    the block so the activations that follow see the quantized model."""
+    the block so the activations that follow see the quantized model (a linear with int8 activations is
+    replaced by the runtime module that quantizes its inputs, `runtime/w8a8.py`, built from the written
+    tensors: the check and calibration streams then run what `qtool eval` and the real clients run)."""
     p = block.get_submodule(lin).weight
     module = prefix + lin
     w = _finite(module + ".weight", p.detach())
@@ -157,19 +159,47 @@ def _quantize_linear(block, prefix, lin, spec, hessian, x, writer, out_fmt, dtyp
     else:
         qt = method.quantize(w, spec.codec)
     wq = qt.dequantize()
-    for key, t in out_fmt.pack(qt, dtype).items():
+    packed = out_fmt.pack(qt, dtype, spec)
+    for key, t in packed.items():
         writer.add(f"{module}.{key}", t)
-    report = LayerReport(module, spec.codec.name, spec.codec.nbytes(qt.shape),
-                         ((w - wq).norm() / w.norm().clamp_min(1e-12)).item(), note=note)
+    nbytes = sum(t.numel() * t.element_size() for t in packed.values())  # what the file holds for it
+    report = LayerReport(module, spec.codec.name, nbytes, ((w - wq).norm() / w.norm().clamp_min(1e-12)).item(),
+                         note=note)
+    runtime = _runtime_linear(block.get_submodule(lin), spec, packed, out_fmt.name)
     if x is not None:
-        report.output_rel_err = ((x @ (w - wq).T).norm() / (x @ w.T).norm().clamp_min(1e-12)).item()
+        y = x @ w.T
+        yq = x @ wq.T if runtime is None else runtime(x)
+        report.output_rel_err = ((y - yq).norm() / y.norm().clamp_min(1e-12)).item()
     with torch.no_grad():
         p.copy_(wq)
+    if runtime is not None:
+        parent, _, attr = lin.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, attr, runtime)
     return report
+
+
+def _runtime_linear(linear, spec: LayerSpec, packed: dict, fmt: str):
+    """The `Int8ActLinear` a loader builds from `packed` when the rule quantizes inputs, else None."""
+    if spec.rule is None or spec.rule.activations == "none":
+        return None
+    from qtool.runtime.w8a8 import Int8ActLinear
+
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+    if fmt == "bnb":
+        return Int8ActLinear(packed["weight"], packed["SCB"], bias=bias, scheme="bnb",
+                             threshold=spec.rule.outlier_threshold)
+    return Int8ActLinear(packed["weight"], packed["weight_scale"], packed.get("weight_zero_point"), bias=bias,
+                         scheme="ct")
 
 
 def _uses_block_stats(spec: LayerSpec) -> bool:
     return bool(spec.rule.transforms) or (bool(METHODS[spec.method].NEEDS) and not METHODS[spec.method].SEQUENTIAL)
+
+
+def _needs_block_hessian(spec: LayerSpec) -> bool:
+    """XᵀX of the float block: AWQ's search, and weight methods that read it without a sequential pass."""
+    m = METHODS[spec.method]
+    return "awq" in spec.rule.transforms or ("hessian" in m.NEEDS and not m.SEQUENTIAL)
 
 
 def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, stats_file=None) -> Manifest:
@@ -206,12 +236,13 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, s
         stats: dict[str, tuple] = {}  # statistics of the float block's inputs (AWQ search and clip)
         block_wide = [lin for lin in arch.linears if prefix + lin in specs and _uses_block_stats(specs[prefix + lin])]
         if stats_file is not None and plan.needs_calibration:
-            stats = {lin: (stats_file.of(prefix + lin).hessian, stats_file.of(prefix + lin).abs_mean)
-                     for lin in arch.linears if prefix + lin in specs}
+            stats = {lin: (s.hessian, s.abs_mean, s.absmax) for lin in arch.linears if prefix + lin in specs
+                     for s in [stats_file.of(prefix + lin)]}
         elif xc is not None and block_wide:
-            stats = block_stats(block, arch, block_wide, lambda b: crunner(block, b), xc.split(8))
+            need_h = any(_needs_block_hessian(specs[prefix + lin]) for lin in block_wide)
+            stats = block_stats(block, arch, block_wide, lambda b: crunner(block, b), xc.split(8), hessian=need_h)
         if stats:  # transforms first: the float block keeps its function, later steps see the result
-            transforms += apply_awq(block, prefix, arch, specs, stats)
+            transforms += apply_transforms(block, prefix, arch, specs, stats)
         inputs: dict[str, torch.Tensor] = {}
         if check:
             hooks = [block.get_submodule(lin).register_forward_pre_hook(

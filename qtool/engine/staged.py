@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qtool.calib.hessian import rows_of
+from qtool.calib.hessian import gram_upper_, rows_of, symmetric_
 from qtool.io.arch import Arch
 
 
@@ -83,9 +83,9 @@ class StagedBlock:
         h, n = None, 0
         for a in self._inputs(stage):
             a = rows_of(a, name)
-            h = a.T @ a if h is None else h.addmm_(a.T, a)
+            h = gram_upper_(h, a)
             n += a.shape[0]
-        return h / max(n, 1)
+        return symmetric_(h).div_(max(n, 1))
 
     def output(self) -> torch.Tensor:
         """The block's output for the whole stream (every group quantized by now); reuses x's memory."""

@@ -31,6 +31,25 @@ default path too (no packed zero point, so no size mismatch; the default path ma
 parameter of the model dtype, so with float16/bfloat16 scales it dequantizes in float32: a ~1e-4 relative
 difference). Limits: per-channel float zeros cannot be written (a ``[1, in]`` block would need the width of
 every module in the config); vLLM's compressed-tensors int kernels take group/channel int zero points only.
+
+Int8 activations (W8A8, W4A8; a rule with ``activations: int8``). The config group carries
+``input_activations`` = dynamic per-token symmetric int8 (`input_args`, equal to compressed-tensors'
+``W8A8`` preset), and the weights use the ``int-quantized`` layout: the one llm-compressor writes for W8A8,
+the one compressed-tensors 0.20 infers for any int weight with activation quantization
+(``infer_module_format``), and the only one vLLM runs int activation schemes from (its
+``is_activation_quantization_format`` gate; its W8A8-int8 and W4A8-int schemes read an int8 ``weight``):
+
+* ``weight``  int8 [out, in]: the signed codes themselves (also for 4-bit codes: one byte each);
+* ``weight_scale`` as above; ``weight_zero_point`` (asymmetric only) int8 [out, n_groups], *unpacked*
+  (so the packed-zero-point trap below does not apply);
+* no ``weight_shape``.
+
+So with fewer than 8 bits the file is larger than `AffineCodec.nbytes` says (that counts the packed
+layout): W4A8 stores a byte per code. When the groups' layouts differ, the top-level ``format`` is
+``mixed-precision`` (each group's ``format`` is what loaders use). transformers 5.24 + compressed-tensors
+0.20 run the activation quantization on the default ``from_pretrained`` path only: with
+``dequantize: true`` the model stays dense and activations are not quantized, so that key is never
+written for a group with input activations.
 """
 
 from __future__ import annotations
@@ -118,13 +137,38 @@ def _unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return (u - (1 << (bits - 1))).to(torch.int8)
 
 
-def pack(q: QTensor) -> dict[str, torch.Tensor]:
-    """QTensor of an `AffineCodec` -> compressed-tensors tensors, keys relative to the module prefix."""
+ACTIVATIONS = ("none", "int8")
+
+
+def layout(codec: AffineCodec, activations: str = "none") -> str:
+    """The compressed-tensors format of one module: ``int-quantized`` with int8 activations (W8A8, W4A8),
+    else ``pack-quantized``."""
+    _check_activations(codec, activations)
+    return "int-quantized" if activations == "int8" else "pack-quantized"
+
+
+def _check_activations(codec: AffineCodec, activations: str) -> None:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    if activations != "none" and codec.float_zero:
+        raise ValueError(f"{codec.name}: int8 activations need integer weight zero points (no float zero)")
+
+
+def pack(q: QTensor, activations: str = "none") -> dict[str, torch.Tensor]:
+    """QTensor of an `AffineCodec` -> compressed-tensors tensors, keys relative to the module prefix.
+
+    `activations` is the module's rule (``"none"`` | ``"int8"``): it picks the layout (`layout`)."""
     codec = q.codec
     if not isinstance(codec, AffineCodec):
         raise TypeError(f"compressed-tensors pack needs an AffineCodec, got {type(codec).__name__}")
     _check_float_zero(codec)
     out, inp = q.shape
+    if layout(codec, activations) == "int-quantized":
+        tensors = {"weight": q.codes.to(torch.int8).contiguous(),
+                   "weight_scale": q.params["scale"].to(codec.scale_dtype).contiguous()}
+        if not codec.symmetric:
+            tensors["weight_zero_point"] = q.params["zero"].to(torch.int8).contiguous()
+        return tensors
     tensors = {
         "weight_packed": pack_int32(q.codes, codec.bits),
         "weight_scale": q.params["scale"].to(codec.scale_dtype).contiguous(),
@@ -138,14 +182,34 @@ def pack(q: QTensor) -> dict[str, torch.Tensor]:
 
 
 def unpack(tensors: dict[str, torch.Tensor], codec: AffineCodec) -> QTensor:
-    """Exact inverse of `pack` (for files written by `pack` or by compressed-tensors itself)."""
-    out, inp = (int(v) for v in tensors["weight_shape"].tolist())
+    """Exact inverse of `pack` (for files written by `pack` or by compressed-tensors itself).
+
+    Reads ``pack-quantized`` (``weight_packed``) and ``int-quantized`` (int8 ``weight``) tensors alike."""
+    packed = "weight_packed" in tensors
+    if packed:
+        out, inp = (int(v) for v in tensors["weight_shape"].tolist())
+    else:
+        weight = tensors.get("weight")
+        if weight is None or weight.dtype != torch.int8 or weight.ndim != 2:
+            got = "nothing" if weight is None else f"{weight.dtype} {tuple(weight.shape)}"
+            raise ValueError(f"int-quantized weight: expected 2-D int8 codes, got {got}")
+        out, inp = weight.shape
+        qmin, qmax = codec.qmin, codec.qmax
+        if codec.bits < 8 and ((weight < qmin) | (weight > qmax)).any():
+            raise ValueError(f"int-quantized weight: codes outside the signed {codec.bits}-bit range")
     codec.check_shape((out, inp))
     scale = tensors["weight_scale"]
     if scale.shape != (out, codec.n_groups(inp)):
         expected = (out, codec.n_groups(inp))
         raise ValueError(f"weight_scale has shape {tuple(scale.shape)}, expected {expected}")
-    codes = unpack_int32(tensors["weight_packed"], codec.bits, inp)
+    codes = unpack_int32(tensors["weight_packed"], codec.bits, inp) if packed else tensors["weight"]
+    if not packed and not codec.symmetric:
+        zero = tensors.get("weight_zero_point")
+        if zero is None or zero.shape != scale.shape or zero.is_floating_point():
+            got = "nothing" if zero is None else f"{zero.dtype} {tuple(zero.shape)}"
+            raise ValueError(f"weight_zero_point: expected integers of shape {tuple(scale.shape)}, got {got}")
+        return QTensor(codec=codec, shape=(out, inp), codes=codes,
+                       params={"scale": scale, "zero": zero.to(torch.int8)})
     if codec.symmetric:
         zero = torch.zeros(scale.shape, dtype=torch.int8)
     elif codec.float_zero:
@@ -195,16 +259,37 @@ def weight_args(codec: AffineCodec) -> dict:
     }
 
 
+def input_args(activations: str) -> dict | None:
+    """The ``input_activations`` QuantizationArgs of a config group: None, or for ``"int8"`` dynamic per-token
+    symmetric int8 (compressed-tensors' ``W8A8`` preset; the arithmetic is in `qtool.runtime.w8a8`)."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    if activations == "none":
+        return None
+    return {
+        "actorder": None,
+        "block_structure": None,
+        "dynamic": True,
+        "group_size": None,
+        "num_bits": 8,
+        "strategy": "token",
+        "symmetric": True,
+        "type": "int",
+    }
+
+
 def quantization_config(
-    schemes: list[tuple[AffineCodec, list[str]]],
+    schemes: list[tuple[AffineCodec, list[str]] | tuple[AffineCodec, list[str], str]],
     ignore: list[str],
     all_linear: Iterable[str] | None = None,
 ) -> dict:
-    """The config.json ``quantization_config`` for `schemes` (codec, module names), keys sorted.
+    """The config.json ``quantization_config`` for `schemes` (codec, module names[, activations]), keys sorted.
 
-    One config group per distinct on-disk scheme (bits, group size, symmetry, float zero with its dtype; not
-    clip_search, nor the scale dtype of integer-zero codecs),
-    named ``group_0``, ``group_1``... in order of first appearance. Its ``targets`` are the exact module names
+    `activations` (default ``"none"``) is ``"int8"`` for modules whose inputs are quantized at run time.
+    One config group per distinct on-disk scheme (bits, group size, symmetry, float zero with its dtype, input
+    activations; not clip_search, nor the scale dtype of integer-zero codecs),
+    named ``group_0``, ``group_1``... in order of first appearance. A group's ``format`` is `layout`; the
+    top-level ``format`` is the groups' common one, else ``mixed-precision``. A group's ``targets`` are the exact module names
     (compressed-tensors matches targets by exact module name, ``re:`` regex, or class name). When there is a
     single group and `all_linear` (every Linear module name of the model) is given, and the group covers
     exactly `all_linear` minus `ignore`, the target is ``["Linear"]``.
@@ -220,31 +305,35 @@ def quantization_config(
     know the key, vLLM and compressed-tensors itself, ignore it). A mixed config with an asymmetric group
     has no such fix: see `transformers_load_warning`.
     """
-    merged: dict[str, list[str]] = {}  # on-disk scheme (weight_args as JSON) -> module names
+    merged: dict[str, list[str]] = {}  # on-disk scheme (weights, input activations, layout as JSON) -> names
     seen: set[str] = set()
-    for codec, names in schemes:
+    for codec, names, *rest in schemes:
+        activations = rest[0] if rest else "none"
         for n in names:
             if n in seen:
                 raise ValueError(f"module {n!r} appears in more than one quantization scheme")
             seen.add(n)
-        merged.setdefault(json.dumps(weight_args(codec), sort_keys=True), []).extend(names)
+        key = [weight_args(codec), input_args(activations), layout(codec, activations)]
+        merged.setdefault(json.dumps(key, sort_keys=True), []).extend(names)
     if not merged or not seen:
         raise ValueError("quantization_config needs at least one quantized module")
     if seen & set(ignore):
         raise ValueError(f"modules both quantized and ignored: {sorted(seen & set(ignore))}")
     single_all = len(merged) == 1 and all_linear is not None and seen == set(all_linear) - set(ignore)
     groups = {}
-    for i, (args, names) in enumerate(merged.items()):
+    for i, (key, names) in enumerate(merged.items()):
+        w_args, in_args, fmt = json.loads(key)
         groups[f"group_{i}"] = {
-            "format": "pack-quantized",
-            "input_activations": None,
+            "format": fmt,
+            "input_activations": in_args,
             "output_activations": None,
             "targets": ["Linear"] if single_all else sorted(names),
-            "weights": json.loads(args),
+            "weights": w_args,
         }
+    formats = {g["format"] for g in groups.values()}
     cfg = {
         "config_groups": groups,
-        "format": "pack-quantized",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "global_compression_ratio": None,
         "ignore": sorted(ignore),
         "kv_cache_scheme": None,
@@ -254,7 +343,9 @@ def quantization_config(
         "transform_config": {},
         "version": CT_VERSION,
     }
-    if len(groups) == 1 and not groups["group_0"]["weights"]["symmetric"]:
+    g0 = groups["group_0"]
+    if (len(groups) == 1 and not g0["weights"]["symmetric"] and g0["format"] == "pack-quantized"
+            and g0["input_activations"] is None):  # dequantize=True would drop activation quantization
         cfg["dequantize"] = True
     return dict(sorted(cfg.items()))
 
@@ -264,12 +355,14 @@ def transformers_load_warning(config: dict) -> str | None:
 
     That is a mixed config (several groups) with a group of packed integer zero points: the default load
     fails on the packed zero point and ``dequantize=True`` silently dequantizes every layer with the first
-    group's scheme. Float-zero (block) groups are not packed and load on the default path.
+    group's scheme. Float-zero (block) groups are not packed and load on the default path, and so do the
+    unpacked zero points of ``int-quantized`` (int8 activation) groups.
     vLLM and transformers <= 5.22 load it correctly.
     """
     groups = config.get("config_groups", {})
-    packed_zp = [g for g in groups.values() if not g["weights"]["symmetric"] and g["weights"]["strategy"] != "block"]
-    if len(groups) > 1 and packed_zp:
+    packed_zp = [g for g in groups.values() if not g["weights"]["symmetric"] and g["weights"]["strategy"] != "block"
+                 and g.get("format", config.get("format")) == "pack-quantized"]
+    if packed_zp and len(groups) > 1:
         return (
             "mixed compressed-tensors schemes with an asymmetric group do not load in transformers 5.23-5.24 "
             "(zero-point size mismatch; dequantize=True applies the first group's scheme to all layers); "

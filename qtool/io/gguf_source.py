@@ -15,6 +15,9 @@ parses the token arrays), so both are built lazily on first use and cached.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tempfile
 import mmap
 import struct
 from functools import cached_property
@@ -207,15 +210,56 @@ class GGUFSource:
 
     # --- ModelSource protocol -------------------------------------------------------------------
 
+    def _cache_dir(self) -> Path:
+        """Where the config and tokenizer transformers builds from this file are kept: keyed by the file's
+        sha256 and the transformers version ($QTOOL_CACHE_DIR, else ~/.cache/qtool; derived data only)."""
+        import transformers
+
+        root = os.environ.get("QTOOL_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qtool"
+        return Path(root).expanduser() / "gguf" / f"{self.digest()[:32]}-transformers-{transformers.__version__}"
+
+    def _cached(self, kind: str, build, save, load):
+        """`load(dir)` from the cache when present, else `build()`, `save(obj, tmp)` and rename into place.
+
+        Building either from the GGUF takes transformers 5-20 s (it reads the whole file); loading the
+        cached files takes well under one. A cache that cannot be written (read-only home) is skipped."""
+        final = self._cache_dir() / kind
+        if (final / ".complete").is_file():
+            try:
+                return load(final)
+            except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, never trusted
+                shutil.rmtree(final, ignore_errors=True)
+        obj = build()
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=final.parent))
+            save(obj, tmp)
+            (tmp / ".complete").write_text("")
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another process won the race: keep its copy
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+        return obj
+
     @cached_property
     def config(self):
-        """The transformers config that transformers itself builds from this file (built once, ~3 s)."""
+        """The transformers config that transformers itself builds from this file (cached: see `_cached`)."""
         from transformers import AutoConfig
 
-        try:
-            return AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        except Exception as e:  # noqa: BLE001 - any loader failure is a bad model to the user
-            raise ModelError(f"{self.path}: transformers cannot build a config: {e}") from None
+        def build():
+            try:
+                return AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            except Exception as e:  # noqa: BLE001 - any loader failure is a bad model to the user
+                raise ModelError(f"{self.path}: transformers cannot build a config: {e}") from None
+
+        def load(d):
+            cfg = AutoConfig.from_pretrained(str(d))
+            cfg._name_or_path = str(self.path.parent)  # as built from the file: artifacts must not name the cache
+            return cfg
+
+        return self._cached("config", build, lambda c, d: c.save_pretrained(d), load)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -257,15 +301,18 @@ class GGUFSource:
             raise ModelError(f"{self.path}: no tensor {name!r}") from None
 
     def load_tokenizer(self):
-        """The transformers tokenizer built from the GGUF vocabulary (built once, ~3 s)."""
+        """The transformers tokenizer built from the GGUF vocabulary (cached: see `_cached`)."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent),
-                                                                gguf_file=self.path.name)
-            except Exception as e:  # noqa: BLE001
-                raise ModelError(f"{self.path}: transformers cannot build a tokenizer: {e}") from None
+            def build():
+                try:
+                    return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+                except Exception as e:  # noqa: BLE001
+                    raise ModelError(f"{self.path}: transformers cannot build a tokenizer: {e}") from None
+
+            self._tokenizer = self._cached("tokenizer", build, lambda t, d: t.save_pretrained(str(d)),
+                                           lambda d: AutoTokenizer.from_pretrained(str(d)))
         return self._tokenizer
 
     def save_tokenizer(self, out_dir: Path) -> None:

@@ -11,6 +11,18 @@ Groups: without act-order, a group's parameters are fitted when the sweep reache
 already-updated weights (as the reference does). With act-order (columns visited by decreasing diag H),
 groups are *static*: fitted on the original weights before the sweep, so the column -> group map stays
 the natural one and no g_idx is needed on disk.
+
+Scale refit (on by default; qtool's addition to the reference algorithm). GPTQ fixes each group's scale
+before it picks the codes, so once the codes are known the scales are no longer the best ones for them.
+With the codes q and zero points z fixed, the layer's output error
+
+    E(s) = tr((W − Ŵ) H (W − Ŵ)ᵀ),   Ŵ[r, group g] = s[r, g] · (q − z)[r, group g]
+
+is quadratic in the scales of each row, so the best scales solve one small linear system per row
+(n_groups × n_groups, blocks ``d_gᵀ H_gh d_h`` of H); a row keeps its old scales unless the new ones,
+rounded to the stored dtype, are positive and strictly lower its error. It never increases E, costs about
+``out · in²`` multiply-adds (a fraction of collecting H), and on SmolLM2 lowers the output error of every
+layer (see bench/results). Codecs without affine ``scale``/``zero`` params skip it.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ class GPTQParams:
     block_size: int = 128  # columns per lazy batch (raised to a multiple of the group size)
     act_order: bool = False  # visit columns by decreasing diag(H); implies static groups
     static_groups: bool = False  # fit all group parameters on the original weights before the sweep
+    refit_scales: bool = True  # after the sweep, re-solve each row's group scales for its codes (see module doc)
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,7 @@ class GPTQReport:
     damp_used: float  # the damping that made H positive definite (raised from `damp` if needed)
     dead_columns: int  # input channels never active in calibration (zeroed)
     requested_damp: float = 0.0
+    refit_gain: float = 1.0  # output error before / after the scale refit (1.0: no change)
 
     @property
     def note(self) -> str:
@@ -130,5 +144,47 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
+    gain = 1.0
+    if params.refit_scales and getattr(codec, "float_zero", True) is False:
+        scale, gain = refit_scales(w.float().masked_fill(dead[None, :], 0.0), codes, scale, zero, hessian, gw,
+                                   codec.dequantize_columns)
     qt = QTensor(codec=codec, shape=(n_out, n), codes=codes, params={"scale": scale, "zero": zero})
-    return qt, GPTQReport(damp_used=damp_used, dead_columns=int(dead.sum()), requested_damp=params.damp)
+    return qt, GPTQReport(damp_used=damp_used, dead_columns=int(dead.sum()), requested_damp=params.damp,
+                          refit_gain=gain)
+
+
+def refit_scales(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 h: torch.Tensor, gw: int, dequantize_columns) -> tuple[torch.Tensor, float]:
+    """Best group scales for fixed codes under E(s) = tr((W − Ŵ) H (W − Ŵ)ᵀ) (module doc), per row.
+
+    Returns (scales in `scale.dtype`, E(old) / E(new) summed over rows). `dequantize_columns(q, s, z)` is
+    the codec's decoder, used to evaluate both candidates exactly as a loader reconstructs them.
+    """
+    n_out, n = w.shape
+    G = n // gw
+    H = h.double()
+    d = (codes.double() - zero.double().repeat_interleave(gw, dim=1))  # Ŵ = s ⊙ d (per group)
+    dg = d.view(n_out, G, gw)
+    A = torch.empty(n_out, G, G, dtype=torch.float64)
+    for g in range(G):  # A[r, g, :] = d_g H_g,: then summed per group h against d_h
+        t = dg[:, g, :] @ H[g * gw:(g + 1) * gw, :]
+        A[:, g, :] = (t.view(n_out, G, gw) * dg).sum(-1)
+    b = ((w.double() @ H).view(n_out, G, gw) * dg).sum(-1)
+    s_old = scale.double()
+    ridge = 1e-9 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None]
+    eye = torch.eye(G, dtype=torch.float64)
+    s_new = torch.linalg.solve(A + ridge * eye, (b + ridge[:, :, 0] * s_old).unsqueeze(-1)).squeeze(-1)
+    s_new = s_new.to(scale.dtype)
+
+    def err(s):  # E per row, from the decoded weights (what a loader computes)
+        wq = dequantize_columns(codes, s.repeat_interleave(gw, dim=1), zero.repeat_interleave(gw, dim=1))
+        e = (w - wq).double()
+        return ((e @ H) * e).sum(-1)
+
+    ok = torch.isfinite(s_new).all(-1) & (s_new > 0).all(-1)
+    s_new = torch.where(ok[:, None], s_new, scale)
+    e_old, e_new = err(scale), err(s_new)
+    better = e_new < e_old
+    out = torch.where(better[:, None], s_new, scale)
+    e_final = torch.where(better, e_new, e_old)
+    return out, float(e_old.sum() / e_final.sum().clamp_min(1e-300))

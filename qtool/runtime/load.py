@@ -1,8 +1,11 @@
 """qtool's own loader: any artifact qtool writes (and any float HF directory or GGUF) -> a float torch model.
 
-Quantized linears are dequantized on load, through the same codecs that wrote them; this is the model
-`qtool eval` measures. Real clients (transformers + compressed-tensors / bitsandbytes) are proven to load
-the same files by the test suite.
+Weight-only quantized linears are dequantized on load, through the same codecs that wrote them; linears
+whose inputs are quantized at run time (compressed-tensors ``input_activations`` dynamic per-token int8, or
+bitsandbytes ``load_in_8bit``, LLM.int8() with its ``llm_int8_threshold``) become
+`qtool.runtime.w8a8.Int8ActLinear`, which quantizes activations exactly as those clients do. This is the
+model `qtool eval` measures. Real clients (transformers + compressed-tensors / bitsandbytes) are proven to
+load the same files by the test suite.
 """
 
 from __future__ import annotations
@@ -18,36 +21,66 @@ from qtool.errors import ModelError
 from qtool.io.source import ModelSource, open_model
 
 
-def _ct_codec(qconfig: dict, module: str, scale: torch.Tensor):
-    from qtool.formats.affine import AffineCodec
-
+def _ct_group(qconfig: dict, module: str) -> dict:
+    """The config group whose targets match `module` (first match)."""
     for group in qconfig["config_groups"].values():
         for target in group["targets"]:
-            hit = (target == "Linear" or target == module
-                   or (target.startswith("re:") and re.match(target[3:], module)))
-            if hit:
-                w = group["weights"]
-                gs = w.get("group_size") if w["strategy"] == "group" else 0
-                if w["strategy"] == "block":  # float zero points: [1, group_size] blocks (formats/compressed_tensors)
-                    block = w.get("block_structure") or []
-                    if len(block) != 2 or block[0] != 1:
-                        raise ModelError(f"{module}: compressed-tensors block {block} is not one qtool loads")
-                    gs = block[1]
-                fz = not w["symmetric"] and str(w.get("zp_dtype")).removeprefix("torch.") in (
-                    "float16", "bfloat16", "float32")
-                return AffineCodec(bits=w["num_bits"], group_size=gs or 0, symmetric=w["symmetric"],
-                                   scale_dtype=scale.dtype, float_zero=fz)
+            if (target == "Linear" or target == module
+                    or (target.startswith("re:") and re.match(target[3:], module))):
+                return group
     raise ModelError(f"quantization_config has no scheme for {module}")
 
 
-def _dequantized(source: ModelSource, qconfig: dict | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Float state dict of the artifact, quantized linears dequantized."""
+def _ct_int8_inputs(group: dict, module: str) -> bool:
+    """True when the group quantizes inputs (dynamic per-token symmetric int8, the only scheme qtool runs)."""
+    if group.get("output_activations"):
+        raise ModelError(f"{module}: output activation quantization is not one qtool runs")
+    args = group.get("input_activations")
+    if not args:
+        return False
+    scheme = {k: args.get(k) for k in ("type", "num_bits", "symmetric", "dynamic", "strategy")}
+    if scheme != {"type": "int", "num_bits": 8, "symmetric": True, "dynamic": True, "strategy": "token"}:
+        raise ModelError(f"{module}: input activations {scheme} are not one qtool runs "
+                         "(only dynamic per-token symmetric int8)")
+    return True
+
+
+def _ct_codec(qconfig: dict, module: str, scale: torch.Tensor):
+    from qtool.formats.affine import AffineCodec
+
+    w = _ct_group(qconfig, module)["weights"]
+    if w.get("type", "int") != "int":
+        raise ModelError(f"{module}: compressed-tensors weights of type {w.get('type')!r} are not one qtool loads")
+    gs = w.get("group_size") if w["strategy"] == "group" else 0
+    if w["strategy"] == "block":  # float zero points: [1, group_size] blocks (formats/compressed_tensors)
+        block = w.get("block_structure") or []
+        if len(block) != 2 or block[0] != 1:
+            raise ModelError(f"{module}: compressed-tensors block {block} is not one qtool loads")
+        gs = block[1]
+    fz = not w["symmetric"] and str(w.get("zp_dtype")).removeprefix("torch.") in ("float16", "bfloat16", "float32")
+    return AffineCodec(bits=w["num_bits"], group_size=gs or 0, symmetric=w["symmetric"], scale_dtype=scale.dtype,
+                       float_zero=fz)
+
+
+def _dequantized(source: ModelSource, qconfig: dict | None,
+                 dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
+    """(float state dict of the artifact with weight-only quantized linears dequantized, {module name:
+    Int8ActLinear} for linears with int8 activations; their tensors are not in the state dict)."""
+    from qtool.runtime.w8a8 import Int8ActLinear
+
     names = source.names()
     method = (qconfig or {}).get("quant_method")
+    int8 = method == "bitsandbytes" and bool(qconfig.get("load_in_8bit", qconfig.get("_load_in_8bit")))
     groups: dict[str, dict[str, torch.Tensor]] = {}
     sd: dict[str, torch.Tensor] = {}
+    modules: dict[str, nn.Module] = {}
     if method == "compressed-tensors":
-        keys = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+        keys = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "weight")
+    elif int8:
+        keys = ("weight", "SCB", "weight_format")
+        if qconfig.get("llm_int8_has_fp16_weight"):
+            raise ModelError(f"{source.path}: llm_int8_has_fp16_weight artifacts hold float weights; qtool "
+                             "loads pre-quantized 8-bit weights only")
     elif method == "bitsandbytes":
         keys = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
                 "weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
@@ -66,8 +99,11 @@ def _dequantized(source: ModelSource, qconfig: dict | None, dtype: torch.dtype) 
     else:
         raise ModelError(f"{source.path}: quant_method {method!r} is not one qtool loads")
     quantized = set()
-    if method == "compressed-tensors":
+    if method == "compressed-tensors":  # pack-quantized (weight_packed), or int-quantized (int8 weight + scale)
         quantized = {n.removesuffix(".weight_packed") for n in names if n.endswith(".weight_packed")}
+        quantized |= {n.removesuffix(".weight_scale") for n in names if n.endswith(".weight_scale")}
+    elif int8:
+        quantized = {n.removesuffix(".SCB") for n in names if n.endswith(".SCB")}
     elif method == "bitsandbytes":
         quantized = {n.split(".weight.quant_state.")[0] for n in names if ".weight.quant_state." in n}
     elif method in ("gptq", "awq"):
@@ -83,8 +119,34 @@ def _dequantized(source: ModelSource, qconfig: dict | None, dtype: torch.dtype) 
         if method == "compressed-tensors":
             from qtool.formats import compressed_tensors
 
+            if "weight_scale" not in tensors:
+                raise ModelError(f"{source.path}: {module}: compressed-tensors weight without weight_scale")
             codec = _ct_codec(qconfig, module, tensors["weight_scale"])
-            sd[module + ".weight"] = compressed_tensors.unpack(tensors, codec).dequantize()
+            try:
+                q = compressed_tensors.unpack(tensors, codec)
+            except (KeyError, ValueError) as e:
+                raise ModelError(f"{source.path}: {module}: cannot read compressed-tensors tensors: {e}") from None
+            if _ct_int8_inputs(_ct_group(qconfig, module), module):
+                if codec.float_zero:
+                    raise ModelError(f"{source.path}: {module}: int8 activations with float zero points")
+                bias = sd.pop(module + ".bias", None)
+                modules[module] = Int8ActLinear(q.codes, q.params["scale"], None if codec.symmetric else q.params["zero"],
+                                                None if bias is None else bias.to(dtype), scheme="ct")
+            else:
+                sd[module + ".weight"] = q.dequantize()
+        elif int8:
+            from qtool.formats import bnb_int8
+
+            try:
+                cb, scb = bnb_int8.check_tensors(tensors)
+            except ValueError as e:
+                raise ModelError(f"{source.path}: {module}: cannot read bitsandbytes 8-bit tensors: {e}") from None
+            threshold = qconfig.get("llm_int8_threshold", 6.0)
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+                raise ModelError(f"{source.path}: llm_int8_threshold {threshold!r} is not a number >= 0")
+            bias = sd.pop(module + ".bias", None)
+            modules[module] = Int8ActLinear(cb, scb, None, None if bias is None else bias.to(dtype),
+                                            scheme="bnb", threshold=float(threshold))
         elif method in ("gptq", "awq"):
             from qtool.formats import awq_format, gptq_format
 
@@ -98,7 +160,7 @@ def _dequantized(source: ModelSource, qconfig: dict | None, dtype: torch.dtype) 
             from qtool.formats import bnb
 
             sd[module + ".weight"] = bnb.unpack(tensors).dequantize()
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, modules
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, ModelSource]:
@@ -115,7 +177,19 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    sd = _dequantized(source, qconfig, dtype)
+    sd, int8_modules = _dequantized(source, qconfig, dtype)
+    for name, module in sorted(int8_modules.items()):
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ModelError(f"{source.path}: {name} is not a module of this architecture") from None
+        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != (module.out_features,
+                                                                                     module.in_features):
+            raise ModelError(f"{source.path}: {name}: int8 weight {module.out_features}x{module.in_features} does "
+                             f"not match the architecture's {old}")
+        if (old.bias is not None) != (module.bias is not None):
+            raise ModelError(f"{source.path}: {name}: bias {'missing' if old.bias is not None else 'unexpected'}")
+        model.set_submodule(name, module)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:

@@ -209,3 +209,33 @@ def test_qwen2_not_permuted_and_llama_permuted(tmp_path):
         assert torch.equal(src.get("model.layers.0.self_attn.q_proj.weight"), q)
         assert torch.equal(src.get("model.layers.0.self_attn.k_proj.weight"), k)
         assert torch.equal(src.get("model.layers.0.self_attn.v_proj.weight"), stored_k)
+
+
+def test_config_and_tokenizer_cache(tmp_path, monkeypatch):
+    """The second open of a GGUF loads config and tokenizer from the cache: same config, same saved
+    tokenizer files byte for byte, no cache path leaking into the config; a damaged entry is rebuilt."""
+    monkeypatch.setenv("QTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    first = GGUFSource(GGUF)
+    cfg1 = first.config.to_dict()
+    first.save_tokenizer(tmp_path / "built")
+    entries = list((tmp_path / "cache" / "gguf").iterdir())
+    assert len(entries) == 1 and entries[0].name.startswith(first.digest()[:32])
+    assert (entries[0] / "config" / ".complete").is_file() and (entries[0] / "tokenizer" / ".complete").is_file()
+
+    second = GGUFSource(GGUF)
+    assert second.config.to_dict() == cfg1
+    second.save_tokenizer(tmp_path / "cached")
+    for f in sorted((tmp_path / "built").iterdir()):
+        assert (tmp_path / "cached" / f.name).read_bytes() == f.read_bytes(), f.name
+
+    (entries[0] / "config" / "config.json").write_text("{not json")
+    third = GGUFSource(GGUF)
+    assert third.config.to_dict() == cfg1
+    assert json_ok(entries[0] / "config" / "config.json")
+
+
+def json_ok(path) -> bool:
+    import json
+
+    json.loads(path.read_text())
+    return True

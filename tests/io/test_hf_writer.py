@@ -52,3 +52,26 @@ def test_output_that_is_an_input_is_refused(tmp_path):
         with pytest.raises(UsageError, match="would overwrite the input"):
             HFWriter(out, force=True, inputs=(model,))
     assert model.is_dir()
+
+
+def test_shards_are_byte_identical_to_safetensors_save_file(tmp_path):
+    """The spill-file writer reproduces save_file's layout exactly, for every dtype qtool writes."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qtool.io.hf_writer import HFWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w.packed": torch.randint(-2**31, 2**31 - 1, (7, 3), generator=g, dtype=torch.int32),
+               "w.scale": torch.randn(7, 2, generator=g).half(), "w.bf": torch.randn(5, generator=g).bfloat16(),
+               "w.shape": torch.tensor([7, 24]), "empty": torch.zeros(0, 4), "codes": torch.arange(-5, 5, dtype=torch.int8),
+               "nf4": torch.arange(9, dtype=torch.uint8), "a.f32": torch.randn(3, 3, generator=g),
+               "scalar": torch.tensor(3.5, dtype=torch.float64), "flag": torch.tensor([True, False]),
+               "noncontig": torch.randn(4, 6, generator=g).T}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    w = HFWriter(tmp_path / "out")
+    for k, v in tensors.items():
+        w.add(k, v)
+    w.finish({"model_type": "llama"})
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert not list((tmp_path / "out").glob("*.spill"))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from qtool.formats.affine import AffineCodec
+from qtool.formats.base import QTensor
 from qtool.methods import gptq, rtn
 
 
@@ -24,7 +25,7 @@ def _out_err(w, wq, x):
 def test_identity_hessian_gives_exactly_rtn():
     w, _, _ = _data()
     codec = AffineCodec(4, 64, False)
-    q, rep = gptq.quantize(w, codec, torch.eye(256), gptq.GPTQParams(damp=0.0))
+    q, rep = gptq.quantize(w, codec, torch.eye(256), gptq.GPTQParams(damp=0.0, refit_scales=False))
     r = rtn.quantize(w, codec)
     assert torch.equal(q.codes, r.codes) and torch.equal(q.params["scale"], r.params["scale"])
     assert rep.damp_used == 0.0 and rep.dead_columns == 0
@@ -48,8 +49,30 @@ def test_gptq_beats_rtn_on_output_error(bits, gs, sym, act_order):
 def test_static_groups_match_rtn_params():
     w, _, h = _data()
     codec = AffineCodec(4, 64, True)
-    q, _ = gptq.quantize(w, codec, h, gptq.GPTQParams(act_order=True))
+    q, _ = gptq.quantize(w, codec, h, gptq.GPTQParams(act_order=True, refit_scales=False))
     assert torch.equal(q.params["scale"], codec.fit(w)["scale"])
+
+
+@pytest.mark.parametrize("sym, dtype", [(True, torch.float32), (False, torch.float32), (True, torch.float16)])
+def test_scale_refit_lowers_output_error_and_is_optimal(sym, dtype):
+    w, x, h = _data()
+    codec = AffineCodec(4, 64, sym, scale_dtype=dtype)
+    plain, _ = gptq.quantize(w, codec, h, gptq.GPTQParams(act_order=True, refit_scales=False))
+    q, rep = gptq.quantize(w, codec, h, gptq.GPTQParams(act_order=True))
+    assert torch.equal(q.codes, plain.codes)  # same codes, new scales
+    assert q.params["scale"].dtype == dtype and (q.params["scale"] > 0).all()
+    e_plain, e_refit = _out_err(w, plain.dequantize(), x), _out_err(w, q.dequantize(), x)
+    assert e_refit < 0.97 * e_plain, (e_refit, e_plain)
+    assert rep.refit_gain > 1.0
+    if dtype == torch.float32:  # the refit scales are the least-squares optimum: E rises in every direction
+        def energy(scale):
+            d = w - QTensor(codec, q.shape, q.codes, {"scale": scale, "zero": q.params["zero"]}).dequantize()
+            return torch.einsum("ri,ij,rj->", d.double(), h.double(), d.double()).item()
+        base = energy(q.params["scale"])
+        for k in range(3):
+            bump = torch.zeros_like(q.params["scale"])
+            bump[k, k] = 1e-3 * q.params["scale"][k, k]
+            assert energy(q.params["scale"] + bump) > base and energy(q.params["scale"] - bump) > base
 
 
 def test_dead_channels_are_zeroed_not_nan():
