@@ -4,9 +4,9 @@ Tensors stream in block by block: each one's bytes go straight to a spill file o
 tensor after `add` returns), and shards of at most `max_shard_bytes` are assembled from the spill file,
 one tensor at a time, in exactly the layout `safetensors.torch.save_file` writes (header with
 `__metadata__`, tensors ordered by dtype then name, header padded with spaces to 8 bytes): the files
-are byte-identical to save_file's, without its in-memory copy of the shard. Everything goes to a temporary sibling directory that is renamed
-into place by `finish()` only when complete; `abort()` (or an exception) removes it. No timestamps, fixed
-ordering: the same inputs give byte-identical files.
+are byte-identical to save_file's, without its in-memory copy of the shard. Everything goes to a
+temporary sibling directory that is renamed into place by `finish()` only when complete; `abort()` (or
+an exception) removes it. No timestamps, fixed ordering: the same inputs give byte-identical files.
 """
 
 from __future__ import annotations
