@@ -40,6 +40,11 @@ ROWS = [  # (row name, plan yaml text)
     ("gptq int4-g64 asym act-order", (ROOT / "configs" / "gptq-w4g64.yaml").read_text().replace(
         "symmetric: true", "symmetric: false")),
     ("gptq int3-g64 asym act-order", (ROOT / "configs" / "gptq-w3g64.yaml").read_text()),
+    ("w8a8 int8 (no smoothing)", (ROOT / "configs" / "smoothquant-w8a8.yaml").read_text().replace(
+        "method: [smoothquant, rtn]", "method: rtn").replace("    alpha: 0.5\n", "").replace(
+        "calibration: {source: generated, samples: 128, seq_len: 512, seed: 0}\n", "")),
+    ("smoothquant w8a8", (ROOT / "configs" / "smoothquant-w8a8.yaml").read_text()),
+    ("llm.int8 (threshold 6)", (ROOT / "configs" / "llm-int8.yaml").read_text()),
     ("hqq int4-g64", "rules:\n  - {match: '.*', method: hqq, bits: 4, group_size: 64}\n"),
     ("awq int4-g64 asym", (ROOT / "configs" / "awq-w4g64.yaml").read_text()),
     ("awq+gptq int4-g64 asym act-order", (ROOT / "configs" / "awq-gptq-w4g64.yaml").read_text()),

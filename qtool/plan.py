@@ -52,6 +52,7 @@ FORMATS = ("compressed-tensors", "bnb", "gptq", "gptq_v2", "awq")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FORMAT_OF_CODEC = {"int": "compressed-tensors", "nf4": "bnb", "fp4": "bnb"}
 FP16_SCALE_FORMATS = ("gptq", "gptq_v2", "awq")
+G_IDX_FORMATS = ("gptq", "gptq_v2")  # compressed-tensors 0.20 removed actorder 'group'; AWQ has no g_idx
 # which codecs each output format can hold (int codecs: bits allowed in that format)
 FORMAT_CODECS = {"compressed-tensors": {"int": INT_BITS}, "bnb": {"nf4": (), "fp4": (), "int": (8,)},
                  "gptq": {"int": (2, 3, 4, 8)}, "gptq_v2": {"int": (2, 3, 4, 8)}, "awq": {"int": (4,)}}
@@ -69,7 +70,8 @@ class Rule:
     block_size: int = 64  # nf4/fp4
     double_quant: bool = False  # nf4/fp4
     damp: float = 0.01  # gptq: fraction of mean(diag H) added to the diagonal
-    act_order: bool = False  # gptq: visit columns by decreasing diag(H) (groups then static)
+    act_order: bool | str = False  # gptq: visit columns by decreasing diag(H): true (static groups) or "dynamic"
+    #                                (groups along that order + a g_idx; written as GPTQ desc_act, gptq formats only)
     static_groups: bool = False  # gptq: fit group parameters on the original weights
     transforms: tuple[str, ...] = ()  # applied in order before `method`, e.g. ("awq",)
     activations: str = "none"  # "int8": inputs quantized per token at run time (W8A8)
@@ -332,9 +334,18 @@ def _rule(n: _Node) -> Rule:
             raise f[key].error("applies only to method gptq")
     if "damp" in f:
         kw["damp"] = f["damp"].number(float, 0.0, 1.0)
-    for key in ("symmetric", "clip_search", "double_quant", "act_order", "static_groups"):
+    for key in ("symmetric", "clip_search", "double_quant", "static_groups"):
         if key in f:
             kw[key] = f[key].boolean()
+    if "act_order" in f:
+        v = f["act_order"].scalar()
+        if not (isinstance(v, bool) or v == "dynamic"):
+            raise f["act_order"].error(f"{v!r} is not allowed; allowed: true (static groups), false, dynamic "
+                                       "(groups along the act-order, written with a g_idx)")
+        kw["act_order"] = v
+        if v == "dynamic" and kw.get("static_groups"):
+            raise f["static_groups"].error("contradicts `act_order: dynamic` (its groups follow the act-order); "
+                                           "for static groups write `act_order: true`")
     if "block_size" in f:
         kw["block_size"] = f["block_size"].choice(BLOCK_SIZES)
     if "activations" in f:
@@ -377,7 +388,8 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
         top["version"].choice((1,))
     if "rules" not in top:
         raise PlanError(f"{where}: the plan has no `rules:` list")
-    rules = tuple(_rule(r) for r in top["rules"].sequence())
+    rule_nodes = top["rules"].sequence()
+    rules = tuple(_rule(r) for r in rule_nodes)
     if not rules:
         raise top["rules"].error("needs at least one rule")
     kw: dict[str, Any] = {"rules": rules, "source": where}
@@ -430,6 +442,12 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
                 if r.codec == "int" and (r.group_size != 0 or not r.symmetric or r.bits != 8):
                     raise top["rules"].error("LLM.int8 (outlier_threshold) runs 8-bit symmetric per-channel weights: "
                                              "use `bits: 8`, `group_size: channel`, `symmetric: true`")
+    for node, r in zip(rule_nodes, rules):
+        if r.act_order == "dynamic" and kw["output_format"] not in G_IDX_FORMATS:
+            raise node.mapping(RULE_FIELDS)["act_order"].error(
+                f"dynamic act-order groups are written with a g_idx, which output format {kw['output_format']!r} "
+                "cannot hold (compressed-tensors 0.20 removed actorder 'group'; AWQ has none): use "
+                "`output: {format: gptq_v2}` (or gptq), or `act_order: true` for static groups")
     if "check" in top:
         chk = top["check"].mapping(("sequences", "seq_len", "warn_kld"))
         if "sequences" in chk:

@@ -33,6 +33,9 @@ rules:
 """
 
 
+GPTQ = GOOD.replace("codec: int", "codec: int\n    method: gptq")
+
+
 @pytest.mark.parametrize(
     "text, line, needle",
     [
@@ -65,6 +68,13 @@ rules:
          4, "gptq quantizes through int codecs"),
         (GOOD + "calibration: {samples: 0}\n", 6, "calibration.samples: 0 is out of range"),
         ("rules:\n  - codec: int\n", 2, "rules[0]: a rule needs `match`"),
+        (GPTQ + "    act_order: maybe\n", 7,
+         "rules[0].act_order: 'maybe' is not allowed; allowed: true (static groups), false, dynamic"),
+        (GPTQ + "    act_order: dynamic\n", 7,
+         "rules[0].act_order: dynamic act-order groups are written with a g_idx, which output format 'compressed-tensors'"),
+        (GPTQ + "    act_order: dynamic\n" + "output: {format: awq}\n", 7, "output format 'awq' cannot hold"),
+        (GPTQ + "    act_order: dynamic\n    static_groups: true\n" + "output: {format: gptq_v2}\n", 8,
+         "rules[0].static_groups: contradicts `act_order: dynamic`"),
     ],
 )
 def test_bad_plans_name_file_line_and_field(tmp_path, text, line, needle):
@@ -139,3 +149,21 @@ def test_gptq_plan_round_trips_with_calibration():
     assert plan.needs_calibration and plan.calibration.samples == 16 and plan.rules[0].damp == 0.05
     again = parse_plan(plan.to_yaml())
     assert again.digest() == plan.digest() and again.calibration == plan.calibration
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_act_order_dynamic_round_trips_and_true_stays_static(fmt):
+    """`act_order: true` alone keeps meaning static groups (shipped configs rely on it); `dynamic` is its own
+    value, printed back as written, with its own digest."""
+    static = parse_plan(GPTQ + "    act_order: true\n" + f"output: {{format: {fmt}}}\n")
+    dynamic = parse_plan(GPTQ + "    act_order: dynamic\n" + f"output: {{format: {fmt}}}\n")
+    assert static.rules[0].act_order is True and static.rules[0].static_groups is False
+    assert dynamic.rules[0].act_order == "dynamic" and dynamic.digest() != static.digest()
+    assert "act_order: dynamic" in dynamic.to_yaml() and "act_order: true" in static.to_yaml()
+    for plan in (static, dynamic):
+        again = parse_plan(plan.to_yaml())
+        assert again.digest() == plan.digest() and again.rules == plan.rules
+    from qtool.methods import gptq
+
+    spec = dynamic.resolve({"model.layers.0.mlp.down_proj": (64, 256)})["model.layers.0.mlp.down_proj"]
+    assert gptq.params_of(spec).act_order == "dynamic"

@@ -40,6 +40,9 @@ EXAMPLE = """
   gptq      int4, group 128, asym, act-order, damp 0.01; calibrated
   awq       int4, group 128, asym, scale + clip search; calibrated
   awq-gptq  AWQ scales, then GPTQ (as gptq); calibrated
+  smoothquant  W8A8: SmoothQuant alpha 0.5, int8 weights per channel,
+            int8 activations per token at run time; calibrated
+  llm-int8  W8A8 with input columns |x| > 6.0 in float (bitsandbytes); no data
 
   Group 128 drops to 64 (or 32) for the whole model when it does not
   divide a layer width (SmolLM2: 576). Without --calib, calibrated methods
@@ -50,7 +53,8 @@ EXAMPLE = """
 130 interrupted.
 """
 
-METHOD_HELP = "Method preset: " + ", ".join(("rtn", "int8", "nf4", "fp4", "gptq", "awq", "awq-gptq", "hqq")) + "."
+METHOD_HELP = "Method preset: " + ", ".join(("rtn", "int8", "nf4", "fp4", "gptq", "awq", "awq-gptq", "hqq",
+                                            "smoothquant", "llm-int8")) + "."
 
 
 def quantize(

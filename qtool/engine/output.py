@@ -132,9 +132,10 @@ def _gptq_output(fmt: str) -> Output:
         codec = _one_int_scheme(specs, fmt)
         rules = [s.rule for _, s in sorted(specs.items()) if s.rule is not None and s.method == "gptq"]
         damp = rules[0].damp if rules and 0 < rules[0].damp < 1 else 0.01
-        static = any(r.static_groups or r.act_order for r in rules)
+        desc_act = any(r.act_order == "dynamic" for r in rules)  # act-order groups: a real g_idx
+        static = not desc_act and any(r.static_groups or r.act_order is True for r in rules)
         return gptq_format.quantization_config(codec, fmt, unquantized, damp_percent=damp, static_groups=static,
-                                               quantized=sorted(specs))
+                                               quantized=sorted(specs), desc_act=desc_act)
 
     def warning(qconfig: dict) -> str | None:
         notes = []

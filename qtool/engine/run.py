@@ -272,7 +272,9 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, s
             block_err.append(((yq - xf).norm() / xf.norm().clamp_min(1e-12)).item())
             xq = yq
         release(block)
+        staged = None
         progress("quantize", i + 1, n_layers)
+    xc = None  # the calibration stream is done: free it before the check's logits
     q_params = sum(shapes[r.name][0] * shapes[r.name][1] for r in reports)
     q_bytes = sum(r.bytes for r in reports)
     for name in (arch.final_norm,) + (() if cfg.tie_word_embeddings else (arch.lm_head,)):

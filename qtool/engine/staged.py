@@ -100,8 +100,14 @@ class StagedBlock:
 
     def _goto(self, stage: int) -> None:
         while self.stage < stage:
-            if self.stage == 0:  # q/k/v are final: keep the attention output (o's input)
-                self.o_in = torch.cat(list(self._inputs(1)))
+            if self.stage == 0:  # q/k/v are final: keep the attention output (o's input), filled in place
+                self.o_in, o_in = None, None
+                for i, a in zip(self._batches(self.x), self._inputs(1)):
+                    if o_in is None:
+                        o_in = torch.empty((self.x.shape[0],) + tuple(a.shape[1:]), dtype=a.dtype)
+                    o_in[i:i + a.shape[0]] = a
+                    del a
+                self.o_in = o_in
             elif self.stage == 1:  # o is final: x <- x + o(o_in), the residual stream after attention
                 o = self.block.get_submodule(self.arch.linear_groups[1][0])
                 with torch.inference_mode():

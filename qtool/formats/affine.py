@@ -23,6 +23,11 @@ scale, so `dequantize` returns exactly what a loader (compressed-tensors, vLLM) 
 scale is zero (all-zero group, or an underflow in ``scale_dtype``) gets ``scale = 1``: its codes then encode
 the values exactly (0) or with an error below the group's absolute max, never NaN/Inf.
 
+Act-order groups (GPTQ ``act_order: dynamic``): params may also hold ``g_idx``, int32 [in], the group of
+each input column, when a group's columns are not contiguous. Column j then uses ``scale[:, g_idx[j]]`` and
+``zero[:, g_idx[j]]`` (``scale[:, g_idx]`` as GPTQ loaders and compressed-tensors <= 0.18 effectively index it);
+without ``g_idx`` the group of column j is ``j // group_width``. `check_g_idx` validates one.
+
 ``clip_search`` shrinks the range by factors ``1.0, 0.975, ..., 0.5`` and keeps, per group, the factor with
 the smallest squared reconstruction error, weighted per input column by ``importance`` when given (the MSE
 clip of GPTQ's ``mse`` option / llama.cpp's ``make_qx_quants`` search). Factor 1.0 is the plain fit, and only
@@ -59,6 +64,24 @@ def quantize_with(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return torch.round(y.clamp_(qmin, qmax)).to(torch.int8)
 
 
+def check_g_idx(g_idx: torch.Tensor, in_features: int, n_groups: int) -> torch.Tensor:
+    """`g_idx` as int32 after checking it maps each of `in_features` columns to a group in ``[0, n_groups)``.
+
+    Raises ValueError otherwise. Group sizes are not checked: readers index ``scale[:, g_idx]`` whatever they are.
+    """
+    if g_idx.ndim != 1 or g_idx.shape[0] != in_features or g_idx.is_floating_point() or g_idx.dtype == torch.bool:
+        raise ValueError(f"g_idx must be integers of shape ({in_features},), got {g_idx.dtype} {tuple(g_idx.shape)}")
+    if in_features and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+        raise ValueError(f"g_idx values must be group indices in 0..{n_groups - 1}, got "
+                         f"{int(g_idx.min())}..{int(g_idx.max())}")
+    return g_idx.to(torch.int32)
+
+
+def natural_g_idx(in_features: int, group_width: int) -> torch.Tensor:
+    """The g_idx of contiguous groups, ``j // group_width`` (int32 [in])."""
+    return (torch.arange(in_features) // group_width).to(torch.int32)
+
+
 def dequantize_with(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """``(codes - zero) * scale`` computed in ``scale.dtype`` (as loaders do), returned as float32."""
     d = codes.to(scale.dtype) - zero.to(scale.dtype)
@@ -75,7 +98,7 @@ class AffineCodec:
     zero point (requires ``symmetric=False``).
 
     params: ``scale`` [out, n_groups] in `scale_dtype`, ``zero`` int8 [out, n_groups] (zeros if symmetric),
-    or ``zero`` in `scale_dtype` with `float_zero`.
+    or ``zero`` in `scale_dtype` with `float_zero`; optionally ``g_idx`` int32 [in] (module docstring).
     codes: int8 [out, in].
     """
 
@@ -137,15 +160,18 @@ class AffineCodec:
                 f"group size {self.group_size} does not divide input width {inp} (weight {out}x{inp})"
             )
 
-    def nbytes(self, shape: tuple[int, int]) -> int:
+    def nbytes(self, shape: tuple[int, int], g_idx: bool = False) -> int:
         """Exact bytes of the compressed-tensors ``pack-quantized`` tensors for a weight of `shape`.
 
         weight_packed int32 [out, ceil(in*b/32)] + weight_scale [out, n_groups] + weight_shape int64 [2]
         + (asymmetric only) weight_zero_point int32 [ceil(out*b/32), n_groups], or with `float_zero`
-        weight_zero_point [out, n_groups] in `scale_dtype` (unpacked; see `formats/compressed_tensors.py`).
+        weight_zero_point [out, n_groups] in `scale_dtype` (unpacked; see `formats/compressed_tensors.py`)
+        + with `g_idx` (act-order groups) the int32 [in] group map (``weight_g_idx``).
         """
         self.check_shape(shape)
         out, inp = shape
+        if g_idx:
+            return self.nbytes(shape) + 4 * inp
         g = self.n_groups(inp)
         n = 4 * out * math.ceil(inp * self.bits / 32)
         n += out * g * torch.empty((), dtype=self.scale_dtype).element_size()
@@ -228,12 +254,17 @@ class AffineCodec:
 
         Slice them (``[:, j:j+1]``) to quantize single columns with `quantize_with` (GPTQ).
         """
+        if "g_idx" in params:
+            g = params["g_idx"].long()
+            return params["scale"][:, g], params["zero"][:, g]
         gw = self.group_width(in_features)
         return (params["scale"].repeat_interleave(gw, dim=1), params["zero"].repeat_interleave(gw, dim=1))
 
     def quantize(self, w: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Float weight (out, in) -> int8 codes (out, in) under fixed `params`."""
         w = self._check_weight(w)
+        if "g_idx" in params:
+            return quantize_with(w, *self.column_params(params, w.shape[1]), self.bits)
         wg = self._grouped(w)
         q = quantize_with(wg, params["scale"].unsqueeze(-1), params["zero"].unsqueeze(-1), self.bits)
         return q.reshape(w.shape)
@@ -253,8 +284,10 @@ class AffineCodec:
         return QTensor(codec=self, shape=(int(w.shape[0]), int(w.shape[1])), codes=codes, params=params)
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
-        """``(codes - zero) * scale`` in the scale dtype, as float32 [out, in]."""
+        """``(codes - zero) * scale`` in the scale dtype, as float32 [out, in] (per column through ``g_idx``)."""
         out, inp = q.shape
+        if "g_idx" in q.params:
+            return dequantize_with(q.codes, *self.column_params(q.params, inp))
         cg = q.codes.reshape(out, self.n_groups(inp), self.group_width(inp))
         w = dequantize_with(cg, q.params["scale"].unsqueeze(-1), q.params["zero"].unsqueeze(-1))
         return w.reshape(out, inp)

@@ -14,7 +14,8 @@ always says ``zero_point: true`` (the file holds explicit zeros either way).
 
 Scales are stored in float16 as every AWQ reader expects (see `formats/gptq_format.py` for what that does to
 bfloat16/float32 scales). Refused (`qtool.errors.UsageError`): non-4-bit or non-`AffineCodec` codecs, float zero
-points (HQQ) and per-channel codecs (write a group size).
+points (HQQ), per-channel codecs (write a group size) and act-order groups (a QTensor with ``g_idx``: AWQ
+files have no g_idx).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def pack(q: QTensor) -> dict[str, torch.Tensor]:
     """QTensor of a 4-bit grouped `AffineCodec` -> AWQ GEMM tensors (``qweight``, ``qzeros``, ``scales``)."""
     codec = q.codec
     check_codec(codec)
+    if "g_idx" in q.params:
+        raise UsageError("awq (GEMM) has no g_idx: it cannot hold act-order groups (GPTQ `act_order: dynamic`); "
+                         "write format gptq/gptq_v2, or use static groups (`act_order: true`)")
     out = q.shape[0]
     if out % 8:
         raise IndivisibleError(f"awq packs 8 output columns per word; out features {out} is not a multiple of 8")

@@ -33,6 +33,8 @@ class QTensor:
 
     @property
     def nbytes(self) -> int:
+        if "g_idx" in self.params:  # act-order groups (affine codecs): the group map is stored too
+            return self.codec.nbytes(self.shape, g_idx=True)
         return self.codec.nbytes(self.shape)
 
 

@@ -13,6 +13,15 @@ Per quantized Linear ``P`` (keys below are relative to ``P.``):
 The layout is the one every compressed-tensors reader (and vLLM) expects; for the asymmetric loading bug of
 transformers 5.23-5.24 and how the config works around it, see `quantization_config`.
 
+Act-order groups (a QTensor with ``g_idx``, GPTQ ``act_order: dynamic``) are **not written**. Releases up to
+0.18 stored them as ``weight_g_idx`` int32 [in] with ``actorder: "group"`` in the weights args; 0.19 and 0.20
+removed that mode: their ``QuantizationArgs`` raise "actorder='group' has been removed" on such a config, so
+transformers + compressed-tensors 0.20 cannot load the file at all (tests/formats/test_ct_actorder.py).
+`pack` refuses them (write GPTQ, whose readers take a g_idx, or use static groups, ``act_order: true``). `unpack`
+still reads ``weight_g_idx`` from files of older releases: 0.18 sorts the columns by g_idx, cuts them into
+groups of ``group_size`` and dequantizes those, which for maps with ``group_size`` columns per group (required
+here) is ``scale[:, g_idx]``.
+
 Float zero points (``AffineCodec(float_zero=True)``, HQQ). compressed-tensors 0.20's dequantize computes
 ``(q - zp.to(scale.dtype)) * scale``, so a fractional zero is fine, and ``QuantizationArgs.zp_dtype`` types
 the zero-point parameter. But its pack-quantized compressor packs/unpacks ``weight_zero_point`` as int32 for
@@ -60,7 +69,8 @@ from collections.abc import Iterable
 
 import torch
 
-from qtool.formats.affine import AffineCodec
+from qtool.errors import UsageError
+from qtool.formats.affine import AffineCodec, check_g_idx, natural_g_idx
 from qtool.formats.base import QTensor
 
 CT_VERSION = "0.20.0"  # written as quantization_config.version: fixed so output is byte-identical across envs
@@ -162,6 +172,10 @@ def pack(q: QTensor, activations: str = "none") -> dict[str, torch.Tensor]:
     if not isinstance(codec, AffineCodec):
         raise TypeError(f"compressed-tensors pack needs an AffineCodec, got {type(codec).__name__}")
     _check_float_zero(codec)
+    if "g_idx" in q.params:
+        raise UsageError("compressed-tensors 0.20 cannot hold act-order groups (a g_idx; its actorder 'group' was "
+                         "removed and such configs no longer load): write format gptq/gptq_v2, or use static "
+                         "groups (`act_order: true`)")
     out, inp = q.shape
     if layout(codec, activations) == "int-quantized":
         tensors = {"weight": q.codes.to(torch.int8).contiguous(),
@@ -184,7 +198,24 @@ def pack(q: QTensor, activations: str = "none") -> dict[str, torch.Tensor]:
 def unpack(tensors: dict[str, torch.Tensor], codec: AffineCodec) -> QTensor:
     """Exact inverse of `pack` (for files written by `pack` or by compressed-tensors itself).
 
-    Reads ``pack-quantized`` (``weight_packed``) and ``int-quantized`` (int8 ``weight``) tensors alike."""
+    Reads ``pack-quantized`` (``weight_packed``) and ``int-quantized`` (int8 ``weight``) tensors alike, and a
+    ``weight_g_idx`` (act-order groups of compressed-tensors <= 0.18; the caller drops it when the config
+    does not say ``actorder: group``): kept in the params unless it is the natural ``j // group_size``."""
+    q = _unpack(tensors, codec)
+    g_idx = tensors.get("weight_g_idx")
+    if g_idx is None:
+        return q
+    inp = q.shape[1]
+    g_idx = check_g_idx(g_idx, inp, codec.n_groups(inp))
+    if torch.equal(g_idx, natural_g_idx(inp, codec.group_width(inp))):
+        return q
+    if (torch.bincount(g_idx.long(), minlength=codec.n_groups(inp)) != codec.group_width(inp)).any():
+        # compressed-tensors sorts the columns by g_idx and cuts them into groups of group_size
+        raise ValueError(f"weight_g_idx must give every group exactly {codec.group_width(inp)} columns")
+    return QTensor(codec=codec, shape=q.shape, codes=q.codes, params=q.params | {"g_idx": g_idx})
+
+
+def _unpack(tensors: dict[str, torch.Tensor], codec: AffineCodec) -> QTensor:
     packed = "weight_packed" in tensors
     if packed:
         out, inp = (int(v) for v in tensors["weight_shape"].tolist())

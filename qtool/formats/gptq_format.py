@@ -10,8 +10,10 @@ Per quantized Linear ``P`` (keys relative to ``P.``; G = number of groups, 1 for
   (0x77777777). The v1 encoding mirrors how GPTQModel (the reader transformers uses) converts it: for
   b in {2, 4, 8} a word-wise subtraction of 0x55555555 / 0x11111111 / 0x01010101, for b = 3 a per-field
   subtraction modulo 8. For zeros >= 1, which is every symmetric zero, both equal "each field minus one".
-* ``scales`` float16 [G, out]; ``g_idx`` int32 [in] = i // group_size (qtool's act-order uses static groups,
-  so columns keep their original group; all zeros per-channel).
+* ``scales`` float16 [G, out]; ``g_idx`` int32 [in]: the group of each input column, always written.
+  ``i // group_size`` for natural and static act-order groups (all zeros per-channel); for act-order groups
+  (``act_order: dynamic``, the QTensor's ``g_idx``) the position of column i in the act-order // group_size,
+  which GPTQ readers apply as ``scales[g_idx[i]]``, ``zeros[g_idx[i]]`` (config ``desc_act: true``).
 
 Scales: GPTQ readers expect float16 scales, so `pack` stores them in float16 whatever the codec's
 ``scale_dtype``: exact for float16 scales and for bfloat16 scales in float16's normal range, a rounding of
@@ -31,7 +33,7 @@ import torch
 
 from qtool import __version__
 from qtool.errors import IndivisibleError, UsageError
-from qtool.formats.affine import AffineCodec
+from qtool.formats.affine import AffineCodec, check_g_idx, natural_g_idx
 from qtool.formats.base import QTensor
 from qtool.formats.compressed_tensors import pack_int32, unpack_int32
 
@@ -100,11 +102,13 @@ def pack(q: QTensor, fmt: str = "gptq") -> dict[str, torch.Tensor]:
     qzeros = pack_int32(q.params["zero"].T.contiguous(), codec.bits)
     if fmt == "gptq":
         qzeros = shift_zeros(qzeros, codec.bits, -1)
+    g_idx = q.params.get("g_idx")
     return {
         "qweight": pack_int32(q.codes, codec.bits).T.contiguous(),
         "qzeros": qzeros.contiguous(),
         "scales": scales,
-        "g_idx": (torch.arange(inp, dtype=torch.int32) // codec.group_width(inp)).to(torch.int32),
+        "g_idx": (natural_g_idx(inp, codec.group_width(inp)) if g_idx is None
+                  else check_g_idx(g_idx, inp, codec.n_groups(inp)).clone()),
     }
 
 
@@ -112,8 +116,8 @@ def unpack(tensors: dict[str, torch.Tensor], bits: int, group_size: int, symmetr
            fmt: str = "gptq") -> QTensor:
     """GPTQ tensors -> QTensor (AffineCodec with the file's scale dtype); `group_size` -1 or 0 = per channel.
 
-    v1 zero points are decoded as transformers/GPTQModel decode them. Files whose ``g_idx`` is not
-    ``i // group_size`` (act-order without static groups, written by other tools) are refused.
+    v1 zero points are decoded as transformers/GPTQModel decode them. A ``g_idx`` other than ``i // group_size``
+    (act-order groups, ``desc_act``) is kept in the QTensor's params; it must map every column to a group.
     """
     if fmt not in FORMATS:
         raise ValueError(f"GPTQ checkpoint format must be one of {FORMATS}, got {fmt!r}")
@@ -127,38 +131,45 @@ def unpack(tensors: dict[str, torch.Tensor], bits: int, group_size: int, symmetr
     if scales.shape != (n_groups, out) or qzeros.shape != (n_groups, out * bits // 32):
         raise ValueError(f"GPTQ tensors do not fit a {out}x{inp} {bits}-bit weight with {n_groups} groups: "
                          f"scales {tuple(scales.shape)}, qzeros {tuple(qzeros.shape)}")
+    params = {}
     g_idx = tensors.get("g_idx")
-    if g_idx is not None and not torch.equal(g_idx.to(torch.int64),
-                                             torch.arange(inp) // codec.group_width(inp)):
-        raise ValueError("GPTQ g_idx is not i // group_size (act-order with dynamic groups): not supported")
+    if g_idx is not None:
+        g_idx = check_g_idx(g_idx, inp, n_groups)
+        if not torch.equal(g_idx, natural_g_idx(inp, codec.group_width(inp))):
+            params["g_idx"] = g_idx
     if fmt == "gptq":
         qzeros = shift_zeros(qzeros, bits, +1)
     codes = unpack_int32(qweight.T.contiguous(), bits, inp)
     zero = unpack_int32(qzeros, bits, out).T.contiguous()
     return QTensor(codec=codec, shape=(out, inp), codes=codes,
-                   params={"scale": scales.T.contiguous(), "zero": zero})
+                   params={"scale": scales.T.contiguous(), "zero": zero} | params)
 
 
 # ---- config ----------------------------------------------------------------------------------------------------
 def quantization_config(codec: AffineCodec, fmt: str, unquantized: list[str], *, damp_percent: float = 0.01,
-                        static_groups: bool = False, quantized: list[str] | None = None) -> dict:
+                        static_groups: bool = False, quantized: list[str] | None = None,
+                        desc_act: bool = False) -> dict:
     """config.json ``quantization_config`` for one GPTQ scheme (what transformers' GPTQConfig and GPTQModel read).
 
     `unquantized` lists modules kept in float (``lm_head`` is never quantized by GPTQ readers). When decoder
     linears are among them, the readers are told so: ``modules_in_block_to_quantize`` (optimum/transformers
     keep a block linear only if its name ends with an entry: the full names of `quantized` are given) and
-    ``dynamic`` negative rules ``-:^name$`` (GPTQModel). ``desc_act`` is false: qtool's act-order keeps static
-    groups, so ``g_idx`` is sequential and kernels need no reordering. `damp_percent` must be in (0, 1), as
-    transformers checks; it is informational (RTN writes the default 0.01).
+    ``dynamic`` negative rules ``-:^name$`` (GPTQModel). `desc_act` says the file holds act-order groups
+    (``g_idx`` not sequential, GPTQ ``act_order: dynamic``): kernels then reorder by ``g_idx``; it excludes
+    `static_groups` (static act-order groups keep a sequential ``g_idx``, so they are written with
+    ``desc_act: false``). `damp_percent` must be in (0, 1), as transformers checks; it is informational
+    (RTN writes the default 0.01).
     """
     check_codec(codec, fmt)
     if not 0 < damp_percent < 1:
         raise ValueError(f"damp_percent must be in (0, 1) (transformers refuses others), got {damp_percent}")
+    if desc_act and static_groups:
+        raise ValueError("desc_act (act-order groups with a g_idx) and static_groups exclude each other")
     cfg = {
         "bits": codec.bits,
         "checkpoint_format": fmt,
         "damp_percent": damp_percent,
-        "desc_act": False,
+        "desc_act": desc_act,
         "format": fmt,
         "group_size": codec.group_size or -1,
         "lm_head": False,

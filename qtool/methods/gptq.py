@@ -8,9 +8,17 @@ Hessian enters through the upper Cholesky factor of H⁻¹, after damping H by `
 Quantization goes through the codec it is given (the narrow seam of the reference code): the codec fits
 the group parameters and rounds single columns, so the same loop serves every grid the codec implements.
 Groups: without act-order, a group's parameters are fitted when the sweep reaches its first column, on the
-already-updated weights (as the reference does). With act-order (columns visited by decreasing diag H),
-groups are *static*: fitted on the original weights before the sweep, so the column -> group map stays
-the natural one and no g_idx is needed on disk.
+already-updated weights (as the reference does). Act-order visits the columns by decreasing diag H
+(``perm``) in one of two modes:
+
+* ``act_order=True`` (static groups): groups keep their natural columns and are fitted on the original
+  weights before the sweep, so the column -> group map stays the natural one and no g_idx is needed on disk.
+* ``act_order="dynamic"`` (GPTQModel/AutoGPTQ ``desc_act=True, static_groups=False``): groups run along the
+  *visiting* order: group k is columns ``perm[k*gw:(k+1)*gw]``, fitted when the sweep reaches its first
+  column, on the already-updated weights, like the groups without act-order. The QTensor then carries
+  ``g_idx`` (int32 [in]): ``g_idx[j] = (position of column j in perm) // gw``, the group of input column j
+  (``scale[:, g_idx]`` is column j's scale). It is left out when it equals ``j // gw`` (one group, or a perm
+  that keeps every group's columns together in order), so such results are written like natural ones.
 
 Scale refit (on by default; qtool's addition to the reference algorithm). GPTQ fixes each group's scale
 before it picks the codes, so once the codes are known the scales are no longer the best ones for them.
@@ -22,7 +30,8 @@ is quadratic in the scales of each row, so the best scales solve one small linea
 (n_groups × n_groups, blocks ``d_gᵀ H_gh d_h`` of H); a row keeps its old scales unless the new ones,
 rounded to the stored dtype, are positive and strictly lower its error. It never increases E, costs about
 ``out · in²`` multiply-adds (a fraction of collecting H), and on SmolLM2 lowers the output error of every
-layer (see bench/results). Codecs without affine ``scale``/``zero`` params skip it.
+layer (see bench/results). Codecs without affine ``scale``/``zero`` params skip it. With a g_idx the refit
+runs on the columns in visiting order (where each group is contiguous), with H permuted alike: E is the same.
 """
 
 from __future__ import annotations
@@ -41,9 +50,16 @@ SEQUENTIAL = True  # statistics are collected per linear group on the partly qua
 class GPTQParams:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128  # columns per lazy batch (raised to a multiple of the group size)
-    act_order: bool = False  # visit columns by decreasing diag(H); implies static groups
+    act_order: bool | str = False  # visit columns by decreasing diag(H): True with static groups, "dynamic"
+    #                                  with groups along that order and a g_idx (see the module doc)
     static_groups: bool = False  # fit all group parameters on the original weights before the sweep
     refit_scales: bool = True  # after the sweep, re-solve each row's group scales for its codes (see module doc)
+
+    def __post_init__(self):
+        if not (isinstance(self.act_order, bool) or self.act_order == "dynamic"):
+            raise ValueError(f"act_order must be False, True or 'dynamic', got {self.act_order!r}")
+        if self.act_order == "dynamic" and self.static_groups:
+            raise ValueError("act_order='dynamic' forms groups along the act-order: it contradicts static_groups")
 
 
 @dataclass(frozen=True)
@@ -103,7 +119,7 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     gw = codec.group_width(n)
-    static = params.static_groups or params.act_order or gw == n
+    static = params.static_groups or params.act_order is True or gw == n
     importance = H.diagonal().float()  # E[x_j²]: a codec that searches its ranges weights errors by it
     fitted = codec.fit(W, importance) if static else None  # dynamic groups fill these as the sweep goes
     scale = fitted["scale"].clone() if static else None
@@ -112,12 +128,15 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if params.act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
+        if not static:  # dynamic groups are fitted on swept columns: weigh them by their own importance
+            importance = importance[perm]
     U, damp_used = inverse_hessian_factor(H, params.damp)
     del H
     block = max(params.block_size, gw) if gw < n else params.block_size
     block = -(-block // gw) * gw if gw < n else block
     codes = torch.empty(n_out, n, dtype=torch.int8)
-    col_group = (perm if perm is not None else torch.arange(n)) // gw
+    # group of the col-th visited column: its natural group (static groups), else its position's group
+    col_group = (perm if perm is not None and static else torch.arange(n)) // gw
 
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
@@ -142,13 +161,24 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
             codes[:, col:col + 1] = q
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
 
+    g_idx = None
     if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
+        inv = torch.argsort(perm)
+        swept, codes = codes, codes[:, inv]
+        if not static:
+            g_idx = (inv // gw).to(torch.int32)
+            if torch.equal(g_idx, (torch.arange(n) // gw).to(torch.int32)):
+                g_idx = None  # every group's columns are its natural ones: nothing to map
     gain = 1.0
     if params.refit_scales and getattr(codec, "float_zero", True) is False:
-        scale, gain = refit_scales(w.float().masked_fill(dead[None, :], 0.0), codes, scale, zero, hessian, gw,
-                                   codec.dequantize_columns)
-    qt = QTensor(codec=codec, shape=(n_out, n), codes=codes, params={"scale": scale, "zero": zero})
+        w0 = w.float().masked_fill(dead[None, :], 0.0)
+        if g_idx is None:
+            scale, gain = refit_scales(w0, codes, scale, zero, hessian, gw, codec.dequantize_columns)
+        else:  # groups are contiguous in visiting order: refit there (E is invariant under the permutation)
+            scale, gain = refit_scales(w0[:, perm], swept, scale, zero, hessian[perm][:, perm], gw,
+                                       codec.dequantize_columns)
+    qparams = {"scale": scale, "zero": zero} | ({"g_idx": g_idx} if g_idx is not None else {})
+    qt = QTensor(codec=codec, shape=(n_out, n), codes=codes, params=qparams)
     return qt, GPTQReport(damp_used=damp_used, dead_columns=int(dead.sum()), requested_damp=params.damp,
                           refit_gain=gain)
 

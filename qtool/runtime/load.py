@@ -62,6 +62,23 @@ def _ct_codec(qconfig: dict, module: str, scale: torch.Tensor):
                        float_zero=fz)
 
 
+def _ct_g_idx(tensors: dict[str, torch.Tensor], weights: dict, codec, where: str) -> dict[str, torch.Tensor]:
+    """The module's tensors, keeping ``weight_g_idx`` only where its scheme says ``actorder: group``.
+
+    compressed-tensors <= 0.18 created (and applied) the parameter for that scheme only; 0.19+ refuse such a
+    config (`formats/compressed_tensors.py`), but qtool still reads those files. A non-sequential g_idx under
+    another scheme would be ignored by the clients: refused as inconsistent rather than guessed at.
+    """
+    g_idx = tensors.get("weight_g_idx")
+    if g_idx is None or str(weights.get("actorder")).lower() in ("group", "dynamic"):
+        return tensors
+    inp = g_idx.shape[0] if g_idx.ndim == 1 else 0
+    if inp and torch.equal(g_idx.to(torch.int64), torch.arange(inp) // codec.group_width(inp)):
+        return {k: v for k, v in tensors.items() if k != "weight_g_idx"}
+    raise ModelError(f"{where}: weight_g_idx holds act-order groups but the config's actorder is "
+                     f"{weights.get('actorder')!r}, not 'group': compressed-tensors would ignore it")
+
+
 def _dequantized(source: ModelSource, qconfig: dict | None,
                  dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
     """(float state dict of the artifact with weight-only quantized linears dequantized, {module name:
@@ -122,13 +139,15 @@ def _dequantized(source: ModelSource, qconfig: dict | None,
             if "weight_scale" not in tensors:
                 raise ModelError(f"{source.path}: {module}: compressed-tensors weight without weight_scale")
             codec = _ct_codec(qconfig, module, tensors["weight_scale"])
+            tensors = _ct_g_idx(tensors, _ct_group(qconfig, module)["weights"], codec, f"{source.path}: {module}")
             try:
                 q = compressed_tensors.unpack(tensors, codec)
             except (KeyError, ValueError) as e:
                 raise ModelError(f"{source.path}: {module}: cannot read compressed-tensors tensors: {e}") from None
             if _ct_int8_inputs(_ct_group(qconfig, module), module):
-                if codec.float_zero:
-                    raise ModelError(f"{source.path}: {module}: int8 activations with float zero points")
+                if codec.float_zero or "g_idx" in q.params:
+                    what = "float zero points" if codec.float_zero else "act-order groups (weight_g_idx)"
+                    raise ModelError(f"{source.path}: {module}: int8 activations with {what}")
                 bias = sd.pop(module + ".bias", None)
                 modules[module] = Int8ActLinear(q.codes, q.params["scale"], None if codec.symmetric else q.params["zero"],
                                                 None if bias is None else bias.to(dtype), scheme="ct")

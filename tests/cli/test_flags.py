@@ -38,6 +38,10 @@ TWINS = {
     "awq-gptq": (CAL_FLAGS, "rules:\n  - {match: '.*', method: [awq, gptq], bits: 4, group_size: 128, act_order: true}\n"
                  + CAL),
     "hqq": ([], "rules:\n  - {match: '.*', method: hqq, bits: 4, group_size: 64}\n"),
+    "smoothquant": (CAL_FLAGS, "rules:\n  - {match: '.*', method: [smoothquant, rtn], bits: 8, group_size: channel,"
+                               " activations: int8, alpha: 0.5}\n" + CAL),
+    "llm-int8": ([], "rules:\n  - {match: '.*', bits: 8, group_size: channel, activations: int8,"
+                     " outlier_threshold: 6.0}\n"),
 }
 
 
@@ -111,6 +115,10 @@ def test_default_group_size_follows_the_model_widths():
     (["--method", "hqq", "--sym"], "--sym with --method hqq"),
     (["--method", "rtn", "--asym", "--format", "gptq"], "--asym with --format gptq"),
     (["--method", "int8", "--bits", 4], "--bits 4 with --method int8"),
+    (["--method", "llm-int8", "--bits", 4], "--method llm-int8: LLM.int8 (bitsandbytes) is 8-bit"),
+    (["--method", "llm-int8", "--format", "compressed-tensors"], "--format compressed-tensors cannot hold --method llm-int8"),
+    (["--method", "smoothquant", "--asym"], "--asym with --method smoothquant"),
+    (["--method", "smoothquant", "--format", "gptq"], "--format gptq cannot hold --method smoothquant"),
     (["--method", "rtn", "--calib", CHECK_TEXT], "--calib with --method rtn"),
     (["--method", "bogus"], "--method bogus: unknown; allowed: rtn, int8"),
     (["--method", "rtn", "--bits", 5], "--bits 5: allowed 2, 3, 4, 8"),

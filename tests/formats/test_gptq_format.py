@@ -146,15 +146,69 @@ def test_refusals():
         gf.pack(q, "gptq_v3")
 
 
-def test_unpack_refuses_act_order_g_idx():
+def test_act_order_g_idx_is_written_and_read_back():
+    """A QTensor with act-order groups writes its g_idx as is (natural ones write i // group_size) and unpacks to
+    the same codes, params and weight; the unpacked weight is (q - z[g_idx]) * s[g_idx], computed by hand here."""
+    codec = AffineCodec(4, 8, False, torch.float16)
+    out, inp = 8, 16
+    codes = (torch.arange(inp).unsqueeze(0) + torch.arange(out).unsqueeze(1)) % 16
+    zeros = torch.tensor([[3, 12]] * out)
+    scale = torch.tensor([[0.5, 2.0]] * out)
+    g_idx = torch.tensor([1, 0] * 8, dtype=torch.int32)  # even columns in group 1, odd ones in group 0
+    q = qtensor(codec, codes, zeros, scale)
+    q = QTensor(codec, q.shape, q.codes, q.params | {"g_idx": g_idx})
+    packed = gf.pack(q, "gptq_v2")
+    assert packed["g_idx"].dtype == torch.int32 and torch.equal(packed["g_idx"], g_idx)
+    back = gf.unpack(packed, 4, 8, False, "gptq_v2")
+    assert torch.equal(back.codes, q.codes) and back.params.keys() == q.params.keys()
+    assert all(torch.equal(back.params[k], q.params[k]) for k in q.params)
+    by_hand = torch.tensor([[(c - (12 if j % 2 == 0 else 3)) * (2.0 if j % 2 == 0 else 0.5)
+                             for j, c in enumerate(row)] for row in codes.tolist()])
+    assert torch.equal(back.dequantize(), by_hand) and torch.equal(q.dequantize(), by_hand)
+    # the same file read with the natural map is another weight
+    natural = dict(packed, g_idx=(torch.arange(inp) // 8).to(torch.int32))
+    nat = gf.unpack(natural, 4, 8, False, "gptq_v2")
+    assert "g_idx" not in nat.params and not torch.equal(nat.dequantize(), by_hand)
+    plain = AffineCodec(4, 32, True, torch.float16).encode(torch.randn(16, 64))
+    assert torch.equal(gf.pack(plain, "gptq")["g_idx"], (torch.arange(64) // 32).to(torch.int32))
+    assert "g_idx" not in gf.unpack(gf.pack(plain, "gptq"), 4, 32, True, "gptq").params
+
+
+def test_unpack_refuses_broken_g_idx():
     q = AffineCodec(4, 32, True, torch.float16).encode(torch.randn(16, 64))
     packed = gf.pack(q, "gptq")
-    packed["g_idx"] = packed["g_idx"].flip(0)
+    for bad in (packed["g_idx"] + 1, packed["g_idx"][:-1], packed["g_idx"].float(), packed["g_idx"] - 1):
+        with pytest.raises(ValueError, match="g_idx"):
+            gf.unpack(dict(packed, g_idx=bad), 4, 32, True, "gptq")
     with pytest.raises(ValueError, match="g_idx"):
-        gf.unpack(packed, 4, 32, True, "gptq")
-    packed["g_idx"] = packed["g_idx"].flip(0)
+        gf.pack(QTensor(q.codec, q.shape, q.codes, q.params | {"g_idx": packed["g_idx"] + 1}), "gptq")
+    reversed_map = gf.unpack(dict(packed, g_idx=packed["g_idx"].flip(0)), 4, 32, True, "gptq")
+    assert torch.equal(reversed_map.params["g_idx"], packed["g_idx"].flip(0))
     with pytest.raises(ValueError, match="do not fit"):
         gf.unpack(packed, 4, 16, True, "gptq")
+
+
+def test_desc_act_config():
+    from transformers import GPTQConfig
+
+    cfg = gf.quantization_config(AffineCodec(4, 64, False), "gptq_v2", ["lm_head"], desc_act=True)
+    assert cfg["desc_act"] is True and cfg["static_groups"] is False
+    assert GPTQConfig.from_dict(dict(cfg)).to_dict()["desc_act"] is True
+    with pytest.raises(ValueError, match="static_groups"):
+        gf.quantization_config(AffineCodec(4, 64, False), "gptq_v2", ["lm_head"], desc_act=True, static_groups=True)
+
+
+def test_gptq_dynamic_groups_pack_deterministically():
+    """Two GPTQ runs with act-order groups give byte-identical tensors (g_idx included)."""
+    from qtool.methods import gptq
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 128, generator=g)
+    x = torch.randn(256, 128, generator=g) * torch.rand(128, generator=g)
+    packs = [gf.pack(gptq.quantize(w, AffineCodec(4, 32, True, torch.float16), x.T @ x,
+                                   gptq.GPTQParams(act_order="dynamic"))[0], "gptq") for _ in range(2)]
+    assert not torch.equal(packs[0]["g_idx"], (torch.arange(128) // 32).to(torch.int32))
+    assert all(torch.equal(packs[0][k], packs[1][k]) and packs[0][k].dtype == packs[1][k].dtype for k in gf.KEYS)
 
 
 def test_quantization_config_read_by_transformers():

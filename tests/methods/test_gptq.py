@@ -90,3 +90,97 @@ def test_indefinite_hessian_retries_with_more_damping():
     q, rep = gptq.quantize(w, AffineCodec(4, 64, True), h, gptq.GPTQParams(damp=0.01))
     assert rep.damp_used > 0.01
     assert torch.isfinite(q.dequantize()).all()
+
+
+# ---- act-order with dynamic groups (g_idx) ----------------------------------------------------------------------
+def _perm(h):
+    return torch.argsort(h.diagonal(), descending=True, stable=True)
+
+
+def _reference_dequant(q):
+    """(codes - zero) * scale column by column from an explicit column -> group loop (independent of the codec)."""
+    s, z, g = q.params["scale"], q.params["zero"], q.params["g_idx"].tolist()
+    out = torch.empty(q.shape)
+    for j in range(q.shape[1]):
+        out[:, j] = (q.codes[:, j].float() - z[:, g[j]].float()) * s[:, g[j]]
+    return out
+
+
+@pytest.mark.parametrize("bits, gs, sym", [(4, 64, True), (4, 64, False), (3, 32, False), (2, 64, False)])
+def test_dynamic_groups_follow_the_act_order_and_beat_rtn(bits, gs, sym):
+    w, x, h = _data()
+    codec = AffineCodec(bits, gs, sym)
+    q, _ = gptq.quantize(w, codec, h, gptq.GPTQParams(act_order="dynamic"))
+    g_idx, perm = q.params["g_idx"], _perm(h)
+    # group k holds exactly the columns visited k-th: perm[k*gs:(k+1)*gs], gs of them
+    assert g_idx.dtype == torch.int32 and g_idx.shape == (256,)
+    assert torch.bincount(g_idx.long(), minlength=256 // gs).tolist() == [gs] * (256 // gs)
+    for k in range(256 // gs):
+        assert set((g_idx == k).nonzero().flatten().tolist()) == set(perm[k * gs:(k + 1) * gs].tolist()), k
+    assert not torch.equal(g_idx, (torch.arange(256) // gs).to(torch.int32))  # not the natural map
+    # the decoded weight is (codes - zero[g_idx]) * scale[g_idx]; without the map it is a different weight
+    assert torch.equal(q.dequantize(), _reference_dequant(q))
+    natural = QTensor(codec, q.shape, q.codes, {"scale": q.params["scale"], "zero": q.params["zero"]})
+    e_dyn, e_rtn = _out_err(w, q.dequantize(), x), _out_err(w, rtn.quantize(w, codec).dequantize(), x)
+    assert e_dyn < 0.6 * e_rtn, (e_dyn, e_rtn)
+    assert _out_err(w, natural.dequantize(), x) > 3 * e_dyn
+    assert q.codes.dtype == torch.int8 and codec.qmin <= q.codes.min() and q.codes.max() <= codec.qmax
+    # codec.quantize under the fitted params reproduces the codes' grid (column_params honour g_idx)
+    assert torch.equal(codec.quantize(q.dequantize(), q.params), q.codes)
+
+
+def test_dynamic_groups_are_fitted_on_the_updated_weights():
+    """Group 0 is fitted before any update: the codec's fit of the original columns perm[:gs]. Later groups see
+    the error pushed onto them, so their fit differs from the original columns' (what static groups use)."""
+    w, _, h = _data()
+    codec = AffineCodec(4, 64, False)
+    q, _ = gptq.quantize(w, codec, h, gptq.GPTQParams(act_order="dynamic", refit_scales=False))
+    perm = _perm(h)
+    for k in range(4):
+        fit = codec.fit(w[:, perm[k * 64:(k + 1) * 64]])
+        same = torch.equal(q.params["scale"][:, k], fit["scale"][:, 0]) and torch.equal(q.params["zero"][:, k],
+                                                                                        fit["zero"][:, 0])
+        assert same == (k == 0), k
+
+
+def test_dynamic_groups_refit_lowers_error_keeps_codes_and_map():
+    w, x, h = _data()
+    codec = AffineCodec(4, 64, False)
+    plain, _ = gptq.quantize(w, codec, h, gptq.GPTQParams(act_order="dynamic", refit_scales=False))
+    q, rep = gptq.quantize(w, codec, h, gptq.GPTQParams(act_order="dynamic"))
+    assert torch.equal(q.codes, plain.codes) and torch.equal(q.params["g_idx"], plain.params["g_idx"])
+    assert rep.refit_gain > 1.0 and _out_err(w, q.dequantize(), x) < _out_err(w, plain.dequantize(), x)
+
+
+def test_dynamic_groups_are_deterministic():
+    w, _, h = _data()
+    codec = AffineCodec(4, 64, False)
+    a, _ = gptq.quantize(w, codec, h, gptq.GPTQParams(act_order="dynamic"))
+    b, _ = gptq.quantize(w.clone(), codec, h.clone(), gptq.GPTQParams(act_order="dynamic"))
+    assert a.params.keys() == b.params.keys() == {"scale", "zero", "g_idx"}
+    assert torch.equal(a.codes, b.codes) and all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+
+
+def test_dynamic_groups_in_natural_order_are_plain_gptq():
+    """A Hessian whose diagonal already descends visits columns in order: no g_idx, and exactly the result
+    without act-order. One group per channel has nothing to map either."""
+    w, _, h = _data()
+    d = torch.linspace(2.0, 1.0, 256)
+    h = h / h.diagonal().sqrt()[:, None] / h.diagonal().sqrt()[None, :] * d.sqrt()[:, None] * d.sqrt()[None, :]
+    codec = AffineCodec(4, 64, False)
+    q, _ = gptq.quantize(w, codec, h, gptq.GPTQParams(act_order="dynamic"))
+    plain, _ = gptq.quantize(w, codec, h, gptq.GPTQParams())
+    assert "g_idx" not in q.params and torch.equal(q.codes, plain.codes)
+    assert torch.equal(q.params["scale"], plain.params["scale"])
+    q, _ = gptq.quantize(w, AffineCodec(4, 0, True), _data()[2], gptq.GPTQParams(act_order="dynamic"))
+    assert "g_idx" not in q.params
+
+
+def test_act_order_values_are_checked():
+    with pytest.raises(ValueError, match="static_groups"):
+        gptq.GPTQParams(act_order="dynamic", static_groups=True)
+    with pytest.raises(ValueError, match="act_order"):
+        gptq.GPTQParams(act_order="group")
+    w, _, h = _data()
+    q, _ = gptq.quantize(w, AffineCodec(4, 64, True), h, gptq.GPTQParams(act_order=True))
+    assert "g_idx" not in q.params  # static groups keep the natural map

@@ -12,6 +12,10 @@ logits, with qtool's own loader (`qtool.runtime.load.load_model`, which dequanti
 Negative controls rewrite one thing in a correct artifact and must fail the same comparison: v1 zeros without
 the -1, AWQ without the interleave, and a config without the skip list for float layers (transformers then
 loads garbage silently; GPTQModel refuses).
+
+Act-order groups (GPTQ ``act_order: dynamic``: ``desc_act: true`` and a real ``g_idx``) are checked on artifacts
+written from GPTQ QTensors through `gptq_format` (the engine's output wiring is not involved): the same loads,
+plus controls that write the natural or the reversed g_idx instead.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from safetensors.torch import load_file, save_file
 from qtool.engine.run import run
 from qtool.errors import UsageError
 from qtool.formats import awq_format, gptq_format
+from qtool.formats.affine import AffineCodec
 from qtool.formats.compressed_tensors import pack_int32
 from qtool.io.source import open_model
+from qtool.methods import gptq
 from qtool.plan import parse_plan
 from qtool.runtime.load import load_model
 
@@ -222,3 +228,114 @@ def test_engine_refuses_asymmetric_v1_and_mixed_schemes(tiny_llama, tmp_path):
     with pytest.raises(UsageError, match="one scheme"):
         run(open_model(tiny_llama), parse_plan(mixed), tmp_path / "mixed")
     assert not (tmp_path / "asym").exists() and not (tmp_path / "mixed").exists()
+
+
+# ---- act-order groups: desc_act with a real g_idx ------------------------------------------------------------
+DESC_ACT = {"gptq-int4-sym-desc_act": ("gptq", True), "gptq_v2-int4-asym-desc_act": ("gptq_v2", False)}
+
+
+def dynamic_gptq(w: torch.Tensor, codec: AffineCodec, seed: int):
+    """GPTQ with act-order groups on correlated inputs whose channel scales are in random order."""
+    g = torch.Generator().manual_seed(seed)
+    n = w.shape[1]
+    x = torch.randn(512, 16, generator=g) @ torch.randn(16, n, generator=g) + 0.3 * torch.randn(512, n, generator=g)
+    x = x * (0.2 + 3 * torch.rand(n, generator=g))
+    q, _ = gptq.quantize(w, codec, x.T @ x / 512, gptq.GPTQParams(act_order="dynamic"))
+    assert "g_idx" in q.params
+    return q
+
+
+def write_desc_act(tiny_llama, dst, name: str, g_idx=None):
+    """tiny_llama with every linear GPTQ-quantized with act-order groups, written as `name`'s format with
+    ``desc_act: true``; `g_idx(q, packed)` overrides the written g_idx. Returns (dir, {module: QTensor})."""
+    fmt, sym = DESC_ACT[name]
+    codec = AffineCodec(4, 64, sym, torch.float16)  # float16 scales: the file holds exactly the QTensors
+    src = open_model(tiny_llama)
+    qs = {n.removesuffix(".weight"): dynamic_gptq(src.get(n).float(), codec, i)
+          for i, n in enumerate(sorted(src.names())) if n.endswith("_proj.weight")}
+    shutil.copytree(tiny_llama, dst)
+    sd = load_file(dst / "model.safetensors")
+    for module, q in qs.items():
+        packed = gptq_format.pack(q, fmt)
+        if g_idx is not None:
+            packed["g_idx"] = g_idx(q, packed)
+        del sd[module + ".weight"]
+        sd |= {f"{module}.{k}": v for k, v in packed.items()}
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = gptq_format.quantization_config(codec, fmt, ["lm_head"], desc_act=True)
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return dst, qs
+
+
+@pytest.fixture(scope="module")
+def desc_act(tiny_llama, tmp_path_factory):
+    """name -> (artifact dir, {module: QTensor}, qtool runtime logits); built once per module."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            out, qs = write_desc_act(tiny_llama, tmp_path_factory.mktemp(name) / "q", name)
+            model, _, _ = load_model(out)
+            cache[name] = out, qs, logits(model)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", DESC_ACT)
+def test_desc_act_qtool_loader_is_exact(desc_act, name):
+    out, qs, _ = desc_act(name)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is True
+    model, _, _ = load_model(out)
+    for module, q in qs.items():
+        assert torch.equal(model.get_submodule(module).weight, q.dequantize()), module
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+@pytest.mark.parametrize("name", DESC_ACT)
+def test_desc_act_transformers_load(desc_act, name, backend):
+    """Default ``from_pretrained`` (TorchAtenLinear, bfloat16: measured 0.008 relative) and the float32 torch
+    kernel (measured 0.0); the client's layers hold qtool's g_idx."""
+    out, qs, expected = desc_act(name)
+    model, loading = client_load(out, DESC_ACT[name][0], backend, info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"], loading
+    if backend == "torch":
+        for module, q in qs.items():
+            assert torch.equal(model.get_submodule(module).g_idx.cpu().int(), q.params["g_idx"]), module
+    err = rel(logits(model), expected)
+    print(f"{name} {backend or 'default'}: logits rel error {err:.3g}, "
+          f"max |diff| {(logits(model) - expected).abs().max():.3g}")
+    assert err < (TOL_TORCH if backend else TOL_DEFAULT)
+
+
+@pytest.mark.parametrize("name,wrong", [
+    ("gptq-int4-sym-desc_act", "natural"), ("gptq_v2-int4-asym-desc_act", "natural"),
+    ("gptq-int4-sym-desc_act", "reversed")])
+def test_desc_act_wrong_g_idx_fails(desc_act, tiny_llama, tmp_path, name, wrong):
+    _, _, expected = desc_act(name)
+    change = {"natural": lambda q, p: (torch.arange(q.shape[1]) // 64).to(torch.int32),
+              "reversed": lambda q, p: p["g_idx"].flip(0).contiguous()}[wrong]
+    bad, _ = write_desc_act(tiny_llama, tmp_path / "bad", name, change)
+    err = rel(logits(client_load(bad, DESC_ACT[name][0], "torch")), expected)
+    print(f"{name} {wrong} g_idx: logits rel error {err:.3g}")
+    assert not err < TOL_DEFAULT
+
+
+@pytest.mark.parametrize("name", DESC_ACT)
+def test_desc_act_gptqmodel_load(desc_act, name):
+    from gptqmodel import BACKEND, GPTQModel
+
+    out, _, _ = desc_act(name)
+    model = GPTQModel.load(str(out), device="cpu", dtype=torch.float16, backend=BACKEND.TORCH)
+    ours, _, _ = load_model(out, dtype=torch.float16)
+    err = rel(logits(model.model), logits(ours))
+    print(f"{name}: GPTQModel.load float16 logits rel error {err:.3g}")
+    assert err < TOL_TORCH
+
+
+def test_desc_act_artifact_is_byte_identical(tiny_llama, tmp_path):
+    a, _ = write_desc_act(tiny_llama, tmp_path / "a", "gptq_v2-int4-asym-desc_act")
+    b, _ = write_desc_act(tiny_llama, tmp_path / "b", "gptq_v2-int4-asym-desc_act")
+    for f in ("model.safetensors", "config.json"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
