@@ -1,4 +1,6 @@
-"""Calibration data: token windows from a text file, or text sampled from the model itself (offline)."""
+"""Calibration data: token windows from a text/JSONL file, a Hugging Face dataset (`hf:NAME[:CONFIG[:SPLIT]]`,
+through the `datasets` library: needs the network or its local cache), or text sampled from the model
+itself (`generated`, offline)."""
 
 from __future__ import annotations
 
@@ -27,15 +29,61 @@ def token_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int, wher
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
+HF_PREFIX = "hf:"
+HF_MAX_CHARS = 20_000_000  # rows are read until this much text: a calibration set, not the whole corpus
+
+
+def read_hf_dataset(source: str) -> str:
+    """`hf:NAME[:CONFIG[:SPLIT]]` (split default `train`): the rows' `text` field (else the first string
+    column), joined by blank lines, read in order until `HF_MAX_CHARS`. NAME is a Hub id or a local dataset
+    directory; `datasets` resolves it (offline: from its cache, with HF_DATASETS_OFFLINE=1)."""
+    parts = source[len(HF_PREFIX):].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise UsageError(f"calibration source {source!r}: expected hf:NAME[:CONFIG[:SPLIT]], "
+                         "e.g. hf:wikitext:wikitext-2-raw-v1:train")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (
+        parts[2] if len(parts) > 2 and parts[2] else "train")
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(f"calibration source {source!r} needs the `datasets` package (pip install datasets); "
+                         "or save the text to a file") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, bad config/split: all the user's to fix
+        raise UsageError(f"calibration source {source!r}: datasets cannot load it: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''} (offline? save the text to a file, or use "
+                         "`generated`)") from None
+    texts, total, column = [], 0, None
+    for row in ds:
+        if column is None:
+            column = "text" if isinstance(row.get("text"), str) else next(
+                (k for k, v in row.items() if isinstance(v, str)), None)
+            if column is None:
+                raise UsageError(f"calibration source {source!r}: its rows have no string column "
+                                 f"(columns: {', '.join(row)})")
+        t = row.get(column)
+        if isinstance(t, str) and t.strip():
+            texts.append(t)
+            total += len(t) + 2
+            if total >= HF_MAX_CHARS:
+                break
+    if not texts:
+        raise UsageError(f"calibration source {source!r}: split {split!r} holds no text")
+    return "\n\n".join(texts)
+
+
 def read_text_source(path: str | Path) -> str:
-    """A calibration text: a plain text file, or JSONL whose records carry a `text` field (joined by blank
-    lines). Anything else that is not a file is explained (Hugging Face dataset names need the network)."""
+    """A calibration text: a plain text file, JSONL whose records carry a `text` field (joined by blank
+    lines), or a Hugging Face dataset `hf:NAME[:CONFIG[:SPLIT]]` (`read_hf_dataset`)."""
     import json
 
+    if str(path).startswith(HF_PREFIX):
+        return read_hf_dataset(str(path))
     p = Path(path)
     if not p.is_file():
-        hint = (" (Hugging Face dataset names need network access, which qtool does not use; "
-                "save the text to a file, or use `generated`)" if "/" in str(path) and not p.parent.exists() else "")
+        hint = (" (a Hugging Face dataset is named hf:NAME[:CONFIG[:SPLIT]], e.g. hf:wikitext:wikitext-2-raw-v1)"
+                if "/" in str(path) and not p.parent.exists() else "")
         raise UsageError(f"calibration source {p}: file not found{hint}")
     raw = p.read_text(encoding="utf-8", errors="replace")
     if p.suffix != ".jsonl":
@@ -60,6 +108,8 @@ def source_digest(spec) -> str:
 
     if spec.source == "generated":
         return "generated"
+    if spec.source.startswith(HF_PREFIX):  # the text as read (a Hub dataset may change under its name)
+        return hashlib.sha256(read_hf_dataset(spec.source).encode()).hexdigest()
     p = Path(spec.source)
     if not p.is_file():
         raise UsageError(f"calibration source {p}: file not found")

@@ -117,7 +117,7 @@ def collect(source, calibration, *, progress: Callable[[str, int, int], None] | 
     from qtool.calib.data import source_digest
 
     spec = asdict(calibration)
-    if spec["source"] != "generated":
+    if spec["source"] != "generated" and not spec["source"].startswith("hf:"):
         spec["source"] = str(Path(spec["source"]).resolve())
     spec["data_digest"] = source_digest(calibration)
     return Stats(source.digest(), spec, tokens_digest(ids), int(ids.numel()), inputs, tensors)

@@ -28,8 +28,9 @@ manifest.json (model and data digests). `--imatrix FILE` also writes llama.cpp's
 def calibrate(
     model: Annotated[str, typer.Argument(help="HF model directory, .gguf file, or the alias smollm2-135m.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Statistics directory to write (atomically).")],
-    data: Annotated[str, typer.Option("--data", "-d", help="Text or JSONL file (`text` field), or `generated` "
-                                      "(sampled from the model, seeded; works offline).")] = "generated",
+    data: Annotated[str, typer.Option("--data", "-d", help="Text or JSONL file (`text` field), a Hugging Face "
+                                      "dataset hf:NAME[:CONFIG[:SPLIT]] (needs the network or the datasets cache), or "
+                                      "`generated` (sampled from the model, seeded; works offline).")] = "generated",
     samples: Annotated[int, typer.Option("--samples", min=1, max=100_000, help="Sequences to run.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, max=32768, help="Tokens per sequence.")] = 512,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the window offsets (and of generated text).")] = 0,

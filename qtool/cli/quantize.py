@@ -90,7 +90,7 @@ def quantize(
     calib: Annotated[
         Optional[Path],
         typer.Option(
-            "--calib", help="Calibration text/JSONL file (default: generated from the model).", rich_help_panel="Calibration"
+            "--calib", help="Calibration text/JSONL file, or hf:NAME[:CONFIG[:SPLIT]] (default: generated from the model).", rich_help_panel="Calibration"
         ),
     ] = None,
     samples: Annotated[
@@ -142,8 +142,8 @@ def quantize(
         if gate.active and no_check:
             raise UsageError("--max-kld/--min-same-top gate on the self-check; they cannot be used with --no-check")
         check_json_dest(json_out)
-        if calib is not None and not calib.is_file():
-            raise UsageError(f"--calib {calib}: file not found")
+        if calib is not None and not calib.is_file() and not str(calib).startswith("hf:"):
+            raise UsageError(f"--calib {calib}: file not found (a Hugging Face dataset: hf:NAME[:CONFIG[:SPLIT]])")
         if stats is not None and calib is not None:
             raise UsageError("--stats and --calib both give calibration data; pass one of them")
         flags = Flags(
