@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 QTOOL = [sys.executable, "-m", "qtool"]
 
+GPTQ_PLAN = (ROOT / "configs" / "gptq-w4g64.yaml").read_text()
 ROWS = [  # (row name, plan yaml text)
     ("int8 per-channel", "rules:\n  - {match: '.*', bits: 8, group_size: channel, symmetric: true}\n"),
     ("int4-g64 asym", "rules:\n  - {match: '.*', bits: 4, group_size: 64, symmetric: false}\n"),
@@ -34,11 +35,12 @@ ROWS = [  # (row name, plan yaml text)
     ("nf4-b64", "rules:\n  - {match: '.*', codec: nf4, block_size: 64}\n"),
     ("nf4-b64 +dq", "rules:\n  - {match: '.*', codec: nf4, block_size: 64, double_quant: true}\n"),
     # calibrated rows: calibration-mixed.txt, 128 x 512 tokens, seed 0 (see --calib below)
-    ("gptq int4-g64 sym act-order", (ROOT / "configs" / "gptq-w4g64.yaml").read_text()),
-    ("gptq int4-g64 sym act-order +clip", (ROOT / "configs" / "gptq-w4g64.yaml").read_text().replace(
-        "symmetric: true", "symmetric: true\n    clip_search: true")),
-    ("gptq int4-g64 asym act-order", (ROOT / "configs" / "gptq-w4g64.yaml").read_text().replace(
-        "symmetric: true", "symmetric: false")),
+    # configs/gptq-w4g64.yaml clips its static groups (clip_search: true); the "no clip" rows drop that line
+    ("gptq int4-g64 sym act-order +clip", GPTQ_PLAN),
+    ("gptq int4-g64 sym act-order (no clip)", GPTQ_PLAN.replace("    clip_search: true\n", "")),
+    ("gptq int4-g64 asym act-order +clip", GPTQ_PLAN.replace("symmetric: true", "symmetric: false")),
+    ("gptq int4-g64 asym act-order (no clip)", GPTQ_PLAN.replace("symmetric: true", "symmetric: false").replace(
+        "    clip_search: true\n", "")),
     ("gptq int3-g64 asym act-order", (ROOT / "configs" / "gptq-w3g64.yaml").read_text()),
     ("w8a8 int8 (no smoothing)", (ROOT / "configs" / "smoothquant-w8a8.yaml").read_text().replace(
         "method: [smoothquant, rtn]", "method: rtn").replace("    alpha: 0.5\n", "").replace(
