@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from qtool.errors import UsageError
+from qtool.plan import CALIBRATED as plan_calibrated
 from qtool.plan import GROUP_SIZES, Plan, parse_plan
 
 PRESETS: dict[str, dict] = {
@@ -200,7 +201,7 @@ def plan_from_flags(f: Flags, widths: list[int] | None = None, base: Plan | None
                 r["symmetric"] = True
             notes.append("--format gptq (v1) holds symmetric codes only: using --sym (--format gptq_v2 keeps asym)")
     chain = [s for r in rule_list for s in (r["method"] if isinstance(r["method"], list) else [r["method"]])]
-    calibrated = any(s in ("gptq", "awq", "smoothquant") for s in chain)
+    calibrated = any(s in plan_calibrated for s in chain)
     if calibrated:
         cal = dict(body.get("calibration") or {"source": "generated", "samples": 128, "seq_len": 512, "seed": 0})
         for key, value in (("source", f.calib), ("samples", f.samples), ("seq_len", f.seq_len), ("seed", f.seed)):

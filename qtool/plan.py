@@ -303,7 +303,7 @@ def _method_chain(n: _Node) -> dict[str, Any]:
             raise n.error("a transform is listed twice")
         return {"method": last.choice(METHODS), "transforms": chain}
     method = n.choice(METHODS + tuple(t for t in TRANSFORMS if t not in METHODS))
-    if method not in METHODS and method in TRANSFORMS:
+    if method not in METHODS:  # a transform alone
         raise n.error(f"{method} is a transform: follow it with a weight method, e.g. [{method}, rtn]")
     return {"method": method, "transforms": ("awq",) if method == "awq" else ()}
 

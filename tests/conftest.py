@@ -85,3 +85,17 @@ def tiny_llama_copy(tmp_path, tiny_llama) -> Path:
 
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+def dynamic_gptq(w: torch.Tensor, codec, seed: int):
+    """GPTQ with act-order groups (`act_order: dynamic`, a real g_idx) on correlated inputs whose channel
+    scales are in random order: a QTensor carrying ``g_idx`` (shared by the g_idx format and client tests)."""
+    from qtool.methods import gptq
+
+    g = torch.Generator().manual_seed(seed)
+    n = w.shape[1]
+    x = torch.randn(512, 16, generator=g) @ torch.randn(16, n, generator=g) + 0.3 * torch.randn(512, n, generator=g)
+    x = x * (0.2 + 3 * torch.rand(n, generator=g))
+    q, _ = gptq.quantize(w, codec, x.T @ x / 512, gptq.GPTQParams(act_order="dynamic"))
+    assert "g_idx" in q.params
+    return q

@@ -4,6 +4,7 @@ itself (`generated`, offline)."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -33,10 +34,12 @@ HF_PREFIX = "hf:"
 HF_MAX_CHARS = 20_000_000  # rows are read until this much text: a calibration set, not the whole corpus
 
 
+@functools.lru_cache(maxsize=2)
 def read_hf_dataset(source: str) -> str:
     """`hf:NAME[:CONFIG[:SPLIT]]` (split default `train`): the rows' `text` field (else the first string
     column), joined by blank lines, read in order until `HF_MAX_CHARS`. NAME is a Hub id or a local dataset
-    directory; `datasets` resolves it (offline: from its cache, with HF_DATASETS_OFFLINE=1)."""
+    directory; `datasets` resolves it (offline: from its cache, with HF_DATASETS_OFFLINE=1). Kept for the
+    process: the digest and the token windows of one run read the dataset once."""
     parts = source[len(HF_PREFIX):].split(":")
     if not parts[0] or len(parts) > 3:
         raise UsageError(f"calibration source {source!r}: expected hf:NAME[:CONFIG[:SPLIT]], "

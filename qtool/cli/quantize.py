@@ -90,7 +90,8 @@ def quantize(
     calib: Annotated[
         Optional[Path],
         typer.Option(
-            "--calib", help="Calibration text/JSONL file, or hf:NAME[:CONFIG[:SPLIT]] (default: generated from the model).", rich_help_panel="Calibration"
+            "--calib", help="Calibration text/JSONL file, or hf:NAME[:CONFIG[:SPLIT]] (default: generated from the model).",
+            rich_help_panel="Calibration",
         ),
     ] = None,
     samples: Annotated[

@@ -27,7 +27,7 @@ class TransformReport:
     note: str = ""
 
 
-def awq_pairs(arch: Arch, prefix: str, specs: dict, block: nn.Module, kind: str = "awq") -> tuple[list, list[str]]:
+def smoothing_pairs(arch: Arch, prefix: str, specs: dict, block: nn.Module, kind: str) -> tuple[list, list[str]]:
     """The smoothing pairs of this block whose linears all carry the `kind` transform, and notes on pairs
     that were skipped (partly covered by the plan, or shapes that do not line up, e.g. v -> o under GQA)."""
     pairs, notes = [], []
@@ -88,9 +88,9 @@ def apply_transforms(block: nn.Module, prefix: str, arch: Arch, specs: dict,
     """Every transform the block's rules name, in the order their chains list them (see `apply_awq`,
     `apply_smoothquant`); `stats` is updated so it keeps describing the rewritten block."""
     order: list[str] = []
-    for spec in specs.values():
-        if spec.name.startswith(prefix):
-            order += [t for t in spec.rule.transforms if t not in order]
+    for lin in arch.linears:
+        if prefix + lin in specs:
+            order += [t for t in specs[prefix + lin].rule.transforms if t not in order]
     reports = []
     for kind in order:
         reports += (apply_awq if kind == "awq" else apply_smoothquant)(block, prefix, arch, specs, stats)
@@ -103,7 +103,7 @@ def apply_smoothquant(block: nn.Module, prefix: str, arch: Arch, specs: dict,
     reported gain is the input's max-over-channels / mean-over-channels of max |x| before / after."""
     from qtool.methods import smoothquant
 
-    pairs, notes = awq_pairs(arch, prefix, specs, block, kind="smoothquant")
+    pairs, notes = smoothing_pairs(arch, prefix, specs, block, "smoothquant")
     reports = [TransformReport("smoothquant", n.split(":")[0], [], None, 1.0, n) for n in notes]
     for prev, lins in pairs:
         alpha = specs[prefix + lins[0]].rule.alpha
@@ -128,7 +128,7 @@ def apply_awq(block: nn.Module, prefix: str, arch: Arch, specs: dict, stats: dic
     they keep describing the block's linears after the fold. Returns one report per pair (and skipped pair)."""
     from qtool.methods import awq
 
-    pairs, notes = awq_pairs(arch, prefix, specs, block)
+    pairs, notes = smoothing_pairs(arch, prefix, specs, block, "awq")
     reports = [TransformReport("awq", n.split(":")[0], [], None, 1.0, n) for n in notes]
     for prev, lins in pairs:
         h, x_abs, _ = stats[lins[0]]

@@ -172,11 +172,10 @@ def evaluate(model, tokens: torch.Tensor, ctx: int = 512, n_chunks: int | None =
 
 
 def default_cache_dir() -> Path:
-    """$QTOOL_CACHE_DIR/eval, else ~/.cache/qtool/eval ($XDG_CACHE_HOME respected)."""
-    root = os.environ.get("QTOOL_CACHE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qtool"
-    return Path(root).expanduser() / "eval"
+    """$QTOOL_CACHE_DIR/eval, else ~/.cache/qtool/eval ($XDG_CACHE_HOME respected): see `qtool.cache`."""
+    from qtool.cache import cache_root
+
+    return cache_root() / "eval"
 
 
 def _encode_rows(lp: torch.Tensor, top: torch.Tensor) -> np.ndarray:

@@ -215,8 +215,9 @@ class GGUFSource:
         sha256 and the transformers version ($QTOOL_CACHE_DIR, else ~/.cache/qtool; derived data only)."""
         import transformers
 
-        root = os.environ.get("QTOOL_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qtool"
-        return Path(root).expanduser() / "gguf" / f"{self.digest()[:32]}-transformers-{transformers.__version__}"
+        from qtool.cache import cache_root
+
+        return cache_root() / "gguf" / f"{self.digest()[:32]}-transformers-{transformers.__version__}"
 
     def _cached(self, kind: str, build, save, load):
         """`load(dir)` from the cache when present, else `build()`, `save(obj, tmp)` and rename into place.

@@ -23,24 +23,13 @@ from safetensors.torch import load_file, save_file
 from qtool.errors import ModelError, UsageError
 from qtool.formats import awq_format
 from qtool.formats import compressed_tensors as ct
+from conftest import dynamic_gptq
 from qtool.formats.affine import AffineCodec
 from qtool.formats.base import QTensor
 from qtool.io.source import open_model
-from qtool.methods import gptq
 from qtool.runtime.load import load_model
 
 pytest.importorskip("compressed_tensors")
-
-
-def dynamic_gptq(w: torch.Tensor, codec: AffineCodec, seed: int) -> QTensor:
-    """GPTQ with act-order groups on correlated inputs whose channel scales are in random order."""
-    g = torch.Generator().manual_seed(seed)
-    n = w.shape[1]
-    x = torch.randn(512, 16, generator=g) @ torch.randn(16, n, generator=g) + 0.3 * torch.randn(512, n, generator=g)
-    x = x * (0.2 + 3 * torch.rand(n, generator=g))
-    q, _ = gptq.quantize(w, codec, x.T @ x / 512, gptq.GPTQParams(act_order="dynamic"))
-    assert "g_idx" in q.params
-    return q
 
 
 def without_g_idx(q: QTensor) -> QTensor:

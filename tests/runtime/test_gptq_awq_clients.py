@@ -27,13 +27,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import dynamic_gptq
 from qtool.engine.run import run
 from qtool.errors import UsageError
 from qtool.formats import awq_format, gptq_format
 from qtool.formats.affine import AffineCodec
 from qtool.formats.compressed_tensors import pack_int32
 from qtool.io.source import open_model
-from qtool.methods import gptq
 from qtool.plan import parse_plan
 from qtool.runtime.load import load_model
 
@@ -207,16 +207,20 @@ def test_missing_skip_list_fails(artifact, tmp_path):
 
 
 # ---- GPTQModel's own loader ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("gptq")])
-def test_gptqmodel_load(artifact, name):
+def assert_gptqmodel_load_matches(out, name: str) -> None:
+    """GPTQModel.load (torch kernel, float16) and qtool's loader give the same logits."""
     from gptqmodel import BACKEND, GPTQModel
 
-    out, _ = artifact(name)
     model = GPTQModel.load(str(out), device="cpu", dtype=torch.float16, backend=BACKEND.TORCH)
     ours, _, _ = load_model(out, dtype=torch.float16)
     err = rel(logits(model.model), logits(ours))
     print(f"{name}: GPTQModel.load float16 logits rel error {err:.3g}")
     assert err < TOL_TORCH
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("gptq")])
+def test_gptqmodel_load(artifact, name):
+    assert_gptqmodel_load_matches(artifact(name)[0], name)
 
 
 # ---- refusals at the engine ------------------------------------------------------------------------------------
@@ -232,17 +236,6 @@ def test_engine_refuses_asymmetric_v1_and_mixed_schemes(tiny_llama, tmp_path):
 
 # ---- act-order groups: desc_act with a real g_idx ------------------------------------------------------------
 DESC_ACT = {"gptq-int4-sym-desc_act": ("gptq", True), "gptq_v2-int4-asym-desc_act": ("gptq_v2", False)}
-
-
-def dynamic_gptq(w: torch.Tensor, codec: AffineCodec, seed: int):
-    """GPTQ with act-order groups on correlated inputs whose channel scales are in random order."""
-    g = torch.Generator().manual_seed(seed)
-    n = w.shape[1]
-    x = torch.randn(512, 16, generator=g) @ torch.randn(16, n, generator=g) + 0.3 * torch.randn(512, n, generator=g)
-    x = x * (0.2 + 3 * torch.rand(n, generator=g))
-    q, _ = gptq.quantize(w, codec, x.T @ x / 512, gptq.GPTQParams(act_order="dynamic"))
-    assert "g_idx" in q.params
-    return q
 
 
 def write_desc_act(tiny_llama, dst, name: str, g_idx=None):
@@ -324,14 +317,7 @@ def test_desc_act_wrong_g_idx_fails(desc_act, tiny_llama, tmp_path, name, wrong)
 
 @pytest.mark.parametrize("name", DESC_ACT)
 def test_desc_act_gptqmodel_load(desc_act, name):
-    from gptqmodel import BACKEND, GPTQModel
-
-    out, _, _ = desc_act(name)
-    model = GPTQModel.load(str(out), device="cpu", dtype=torch.float16, backend=BACKEND.TORCH)
-    ours, _, _ = load_model(out, dtype=torch.float16)
-    err = rel(logits(model.model), logits(ours))
-    print(f"{name}: GPTQModel.load float16 logits rel error {err:.3g}")
-    assert err < TOL_TORCH
+    assert_gptqmodel_load_matches(desc_act(name)[0], name)
 
 
 def test_desc_act_artifact_is_byte_identical(tiny_llama, tmp_path):
