@@ -75,6 +75,7 @@ class Flags:
     samples: int | None = None
     seq_len: int | None = None
     seed: int | None = None
+    precision: str | None = None
 
     def given(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, ())}
@@ -173,7 +174,8 @@ def plan_from_flags(f: Flags, widths: list[int] | None = None, base: Plan | None
         body = yaml.safe_load(base.to_yaml())
         body.pop("calibration", None)
         if base.needs_calibration:
-            body["calibration"] = {k: getattr(base.calibration, k) for k in ("source", "samples", "seq_len", "seed")}
+            body["calibration"] = {k: getattr(base.calibration, k)
+                                   for k in ("source", "samples", "seq_len", "seed", "precision")}
         rule_list = body["rules"]
         if f.method is not None:
             preset = PRESETS[f.method]
@@ -204,7 +206,8 @@ def plan_from_flags(f: Flags, widths: list[int] | None = None, base: Plan | None
     calibrated = any(s in plan_calibrated for s in chain)
     if calibrated:
         cal = dict(body.get("calibration") or {"source": "generated", "samples": 128, "seq_len": 512, "seed": 0})
-        for key, value in (("source", f.calib), ("samples", f.samples), ("seq_len", f.seq_len), ("seed", f.seed)):
+        for key, value in (("source", f.calib), ("samples", f.samples), ("seq_len", f.seq_len), ("seed", f.seed),
+                           ("precision", f.precision)):
             if value is not None:
                 if base is not None and cal.get(key) != value:
                     notes.append(f"--{key.replace('_', '-') if key != 'source' else 'calib'} overrides the plan's "
@@ -214,8 +217,9 @@ def plan_from_flags(f: Flags, widths: list[int] | None = None, base: Plan | None
         if cal["source"] == "generated":
             notes.append("no calibration text given: sampling it from the model itself (seeded, offline); "
                          "pass --calib FILE to use real text")
-    elif f.calib is not None or f.samples is not None or f.seq_len is not None:
-        raise UsageError("--calib/--samples/--seq-len apply to calibrated methods (gptq, awq); this plan uses none")
+    elif f.calib is not None or f.samples is not None or f.seq_len is not None or f.precision is not None:
+        raise UsageError("--calib/--samples/--seq-len/--precision apply to calibrated methods (gptq, awq); "
+                         "this plan uses none")
     text = yaml.safe_dump(body, sort_keys=False)
     plan = parse_plan(text, where="<flags>")
     return FlagPlan(plan, plan.to_yaml(), notes)

@@ -105,6 +105,12 @@ def quantize(
     seed: Annotated[
         Optional[int], typer.Option("--seed", min=0, help="Calibration seed (default 0).", rich_help_panel="Calibration")
     ] = None,
+    precision: Annotated[
+        Optional[str],
+        typer.Option("--precision", help="Calibration pass matmuls: bf16 (default; float32 tensors, bf16 GEMM inputs, "
+                     "~2.3x faster on AMX/AVX512-BF16 CPUs) or fp32 (IEEE, bit-exact to a float forward).",
+                     rich_help_panel="Calibration"),
+    ] = None,
     stats: Annotated[
         Optional[Path],
         typer.Option(
@@ -124,6 +130,7 @@ def quantize(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show details and tracebacks.")] = False,
 ) -> None:
     with user_errors(verbose):
+        from qtool.calib.precision import PRECISIONS
         from qtool.engine.run import run
         from qtool.errors import QualityError, UsageError
         from qtool.eval.gate import Gate
@@ -147,8 +154,14 @@ def quantize(
             raise UsageError(f"--calib {calib}: file not found (a Hugging Face dataset: hf:NAME[:CONFIG[:SPLIT]])")
         if stats is not None and calib is not None:
             raise UsageError("--stats and --calib both give calibration data; pass one of them")
+        if stats is not None and precision is not None:
+            raise UsageError("--precision sets the calibration pass, which --stats replaces; drop one of them "
+                             "(`qtool calibrate --precision` sets it for the statistics)")
+        if precision is not None and precision not in PRECISIONS:
+            raise UsageError(f"--precision {precision}: unknown; allowed: {', '.join(PRECISIONS)}")
         flags = Flags(
-            method, bits, group_size, sym, tuple(ignore or ()), fmt, None if calib is None else str(calib), samples, seq_len, seed
+            method, bits, group_size, sym, tuple(ignore or ()), fmt, None if calib is None else str(calib), samples, seq_len,
+            seed, precision
         )
         base = load_plan(plan) if plan is not None else None
         if base is None and method is None:

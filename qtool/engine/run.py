@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from qtool.calib.precision import effective
 from qtool.engine.blocks import BlockRunner, materialize, release, skeleton
 from qtool.engine.check import CheckReport, check_tokens, logit_kld
 from qtool.engine.output import OUTPUTS
@@ -118,6 +119,9 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
         config["quantization_config"] = qconfig
         warning = out_fmt.warning(config["quantization_config"])
         manifest.warnings += [warning] if warning else []
+        if plan.needs_calibration and stats is None and effective(plan.calibration.precision) != plan.calibration.precision:
+            manifest.warnings.append(f"calibration.precision {plan.calibration.precision}: this CPU has no bf16 "
+                                     "matmul support, the calibration pass ran in fp32")
         _copy_tokenizer(source, writer)
         writer.add_file("qtool_plan.yaml", plan.to_yaml())
         manifest.total_bytes = writer.total_bytes
@@ -240,7 +244,8 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, s
                      for s in [stats_file.of(prefix + lin)]}
         elif xc is not None and block_wide:
             need_h = any(_needs_block_hessian(specs[prefix + lin]) for lin in block_wide)
-            stats = block_stats(block, arch, block_wide, lambda b: crunner(block, b), xc.split(8), hessian=need_h)
+            stats = block_stats(block, arch, block_wide, lambda b: crunner(block, b), xc.split(8), hessian=need_h,
+                                precision=plan.calibration.precision)
         if stats:  # transforms first: the float block keeps its function, later steps see the result
             transforms += apply_transforms(block, prefix, arch, specs, stats)
         inputs: dict[str, torch.Tensor] = {}
@@ -254,7 +259,7 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, s
         for name, p in block.named_parameters():
             if prefix + name.removesuffix(".weight") not in specs or not name.endswith(".weight"):
                 writer.add(prefix + name, _finite(prefix + name, p.detach()).to(dtype))
-        staged = StagedBlock(block, arch, crunner, xc) if xc is not None else None
+        staged = StagedBlock(block, arch, crunner, xc, precision=plan.calibration.precision) if xc is not None else None
         for gi, group in enumerate(arch.linear_groups):  # true-sequential: later groups see earlier ones quantized
             members = [lin for lin in group if prefix + lin in specs]
             hessians = {lin: stats[lin][0] for lin in members if lin in stats}

@@ -13,7 +13,9 @@ about one (plus the gate/up projections once more):
 
 The arithmetic is the decoder layer's own (the same modules, the same batches, the same order of
 additions), so the activations equal a plain block forward bit for bit; only the work is shared. Peak
-memory: the stream x plus one tensor of its size (o_in).
+memory: the stream x plus one tensor of its size (o_in). The walk's linears and Hessians run at the calibration
+`precision` (`calib/precision.py`); a full forward at the same precision gives the same activations bit
+for bit.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from qtool.calib.hessian import gram_upper_, rows_of, symmetric_
+from qtool.calib.precision import bf16_linears, matmul_precision
 from qtool.io.arch import Arch
 
 
@@ -30,8 +33,10 @@ class _Stop(Exception):
 
 
 class StagedBlock:
-    def __init__(self, block: nn.Module, arch: Arch, runner, x: torch.Tensor, batch: int = 8):
+    def __init__(self, block: nn.Module, arch: Arch, runner, x: torch.Tensor, batch: int = 8,
+                 precision: str = "fp32"):
         self.block, self.arch, self.runner, self.x, self.batch = block, arch, runner, x, batch
+        self.precision = precision
         self.stage = 0
         self.o_in: torch.Tensor | None = None
         g = arch.linear_groups
@@ -79,23 +84,26 @@ class StagedBlock:
     # ---- API -----------------------------------------------------------------------------------------
     def hessian(self, stage: int, name: str) -> torch.Tensor:
         """XᵀX/N (float32) of the input of linear group `stage`, as the partly quantized block produces it."""
-        self._goto(stage)
-        h, n = None, 0
-        for a in self._inputs(stage):
-            a = rows_of(a, name)
-            h = gram_upper_(h, a)
-            n += a.shape[0]
+        with bf16_linears(self.block, self.precision):
+            self._goto(stage)
+            h, n = None, 0
+            for a in self._inputs(stage):
+                a = rows_of(a, name)
+                with matmul_precision(self.precision):
+                    h = gram_upper_(h, a)
+                n += a.shape[0]
         return symmetric_(h).div_(max(n, 1))
 
     def output(self) -> torch.Tensor:
         """The block's output for the whole stream (every group quantized by now); reuses x's memory."""
-        self._goto(3)
         blk = self.block
         norm, mlp = blk.get_submodule(self.arch.mlp_norm), blk.get_submodule(self.arch.mlp)
-        with torch.inference_mode():
-            for i in self._batches(self.x):
-                xb = self.x[i:i + self.batch]
-                xb.copy_(xb + mlp(norm(xb)))
+        with bf16_linears(blk, self.precision):
+            self._goto(3)
+            with torch.inference_mode():
+                for i in self._batches(self.x):
+                    xb = self.x[i:i + self.batch]
+                    xb.copy_(xb + mlp(norm(xb)))
         return self.x
 
     def _goto(self, stage: int) -> None:

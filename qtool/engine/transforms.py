@@ -60,14 +60,17 @@ def fold_scales(block: nn.Module, prev: str, linears: tuple[str, ...], s: torch.
 
 
 def block_stats(block: nn.Module, arch: Arch, names: list[str], forward, batches,
-                hessian: bool = True) -> dict[str, tuple]:
+                hessian: bool = True, precision: str = "fp32") -> dict[str, tuple]:
     """{linear: (H = XᵀX/N or None, mean |x|, max |x|)} for the linears `names` of the float block (one
-    shared entry per input). `hessian=False` skips XᵀX (SmoothQuant needs only the absolute statistics)."""
+    shared entry per input). `hessian=False` skips XᵀX (SmoothQuant needs only the absolute statistics).
+    `precision`: of the forward's linears and the XᵀX GEMMs (`calib/precision.py`)."""
     from qtool.calib.hessian import HessianCollector
+    from qtool.calib.precision import bf16_linears
 
     firsts = [g[0] for g in arch.linear_groups if any(lin in names for lin in g)]
-    collector = HessianCollector(block, firsts, hessian=hessian)
-    hessians = collector.run(forward, batches)
+    collector = HessianCollector(block, firsts, hessian=hessian, precision=precision)
+    with bf16_linears(block, precision):
+        hessians = collector.run(forward, batches)
     stats = {}
     for g in arch.linear_groups:
         if g[0] in hessians:
