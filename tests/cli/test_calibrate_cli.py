@@ -109,3 +109,24 @@ def test_calibrate_reads_jsonl(tiny_llama, tmp_path):
     jl.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines if t.strip()))
     r = invoke("calibrate", tiny_llama, "--data", jl, "--samples", 4, "--seq-len", 64, "--out", tmp_path / "s")
     assert r.exit_code == 0, r.output
+
+
+def test_calibrate_precision_is_recorded_and_changes_the_statistics(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from qtool.calib.precision import bf16_supported
+
+    assert _calibrate(tiny_llama, tmp_path / "s32", "--precision", "fp32").exit_code == 0
+    assert _calibrate(tiny_llama, tmp_path / "s16").exit_code == 0  # default bf16
+    man = lambda d: json.loads((tmp_path / d / "manifest.json").read_text())["calibration"]  # noqa: E731
+    assert man("s32")["precision"] == "fp32" and man("s16")["precision"] == "bf16"
+    a = load_file(tmp_path / "s32" / "stats.safetensors")
+    b = load_file(tmp_path / "s16" / "stats.safetensors")
+    key = "model.layers.1.mlp.down_proj.hessian"
+    rel = ((a[key] - b[key]).norm() / a[key].norm()).item()
+    assert rel < 2e-2 and (rel > 0 or not bf16_supported()), rel
+    r = _calibrate(tiny_llama, tmp_path / "bad", "--precision", "fp16")
+    assert r.exit_code != 0 and "allowed: fp32, bf16" in r.output and not (tmp_path / "bad").exists()
+    r = invoke("quantize", tiny_llama, "--method", "gptq", "--stats", tmp_path / "s32", "--precision", "fp32",
+               "--out", tmp_path / "q")
+    assert r.exit_code != 0 and "--stats replaces" in " ".join(r.output.split()), r.output

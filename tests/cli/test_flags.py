@@ -168,3 +168,24 @@ def test_calibrated_method_without_data_warns_and_generates(tiny_llama, tmp_path
     assert r.exit_code == 0, r.output
     assert "WARNING" in r.stderr and "no calibration text given" in r.stderr and "--calib FILE" in r.stderr
     assert "source: generated" in (tmp_path / "q" / "qtool_plan.yaml").read_text()
+
+
+def test_precision_flag_sets_the_calibration_precision(tiny_llama, tmp_path):
+    r = invoke("quantize", tiny_llama, "--method", "gptq", *CAL_FLAGS, "--precision", "fp32", "--print-plan")
+    assert r.exit_code == 0, r.output
+    assert parse_plan(r.output).calibration.precision == "fp32"
+    r = invoke("quantize", tiny_llama, "--method", "gptq", *CAL_FLAGS, "--print-plan")
+    assert parse_plan(r.output).calibration.precision == "bf16"  # the default
+    (tmp_path / "p.yaml").write_text("rules:\n  - {match: '.*', method: gptq, bits: 4, group_size: 64}\n" + CAL)
+    r = invoke("quantize", tiny_llama, "--plan", tmp_path / "p.yaml", "--precision", "fp32", "--print-plan")
+    assert r.exit_code == 0 and parse_plan(r.output).calibration.precision == "fp32", r.output
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--method", "gptq", "--precision", "fp16"], "--precision fp16: unknown; allowed: fp32, bf16"),
+    (["--method", "rtn", "--precision", "fp32"], "apply to calibrated methods"),
+])
+def test_precision_flag_errors(tiny_llama, tmp_path, args, msg):
+    r = invoke("quantize", tiny_llama, *args, "--out", tmp_path / "q")
+    assert r.exit_code != 0 and msg in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "q").exists()
