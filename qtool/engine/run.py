@@ -182,9 +182,13 @@ def _quantize_linear(block, prefix, lin, spec, hessian, x, writer, out_fmt, dtyp
     return report
 
 
+def _runtime_quantizes_inputs(spec: LayerSpec) -> bool:
+    return spec.rule is not None and spec.rule.activations != "none"
+
+
 def _runtime_linear(linear, spec: LayerSpec, packed: dict, fmt: str):
     """The `Int8ActLinear` a loader builds from `packed` when the rule quantizes inputs, else None."""
-    if spec.rule is None or spec.rule.activations == "none":
+    if not _runtime_quantizes_inputs(spec):
         return None
     from qtool.runtime.w8a8 import Int8ActLinear
 
@@ -259,7 +263,9 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, s
         for name, p in block.named_parameters():
             if prefix + name.removesuffix(".weight") not in specs or not name.endswith(".weight"):
                 writer.add(prefix + name, _finite(prefix + name, p.detach()).to(dtype))
-        staged = StagedBlock(block, arch, crunner, xc, precision=plan.calibration.precision) if xc is not None else None
+        w8a8 = any(_runtime_quantizes_inputs(specs[prefix + lin]) for lin in arch.linears if prefix + lin in specs)
+        staged = StagedBlock(block, arch, crunner, xc, precision=plan.calibration.precision,
+                             keep_bf16=not w8a8) if xc is not None else None
         for gi, group in enumerate(arch.linear_groups):  # true-sequential: later groups see earlier ones quantized
             members = [lin for lin in group if prefix + lin in specs]
             hessians = {lin: stats[lin][0] for lin in members if lin in stats}

@@ -136,7 +136,8 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
     block = -(-block // gw) * gw if gw < n else block
     codes = torch.empty(n_out, n, dtype=torch.int8)
     # group of the col-th visited column: its natural group (static groups), else its position's group
-    col_group = (perm if perm is not None and static else torch.arange(n)) // gw
+    col_group = ((perm if perm is not None and static else torch.arange(n)) // gw).tolist()
+    u_diag = U.diagonal().tolist()  # python floats equal to the float32 values: the same divisions, no indexing
 
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
@@ -155,8 +156,8 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
             sc, zc = scale[:, g:g + 1], zero[:, g:g + 1]
             x = W1[:, i:i + 1]
             q = codec.quantize_columns(x, sc, zc)
-            err = (x - codec.dequantize_columns(q, sc, zc)) / U1[i, i]
-            W1[:, i:] -= err @ U1[i:i + 1, i:]
+            err = (x - codec.dequantize_columns(q, sc, zc)).div_(u_diag[col])
+            W1[:, i:].sub_(err * U1[i:i + 1, i:])  # rank-1 update: the same products as err @ U1[i, i:], ~4x faster
             E1[:, i:i + 1] = err
             codes[:, col:col + 1] = q
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
