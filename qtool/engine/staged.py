@@ -8,19 +8,18 @@ about one (plus the gate/up projections once more):
     stage 0  q/k/v input  = attn_norm(x)                       (hooked, the forward stops there)
     stage 1  o input      = attention(q, k, v)                  (kept: o_in, one tensor like x)
     stage 2  gate/up input = mlp_norm(h),  h = x + o(o_in)      (h overwrites x in place; o_in is freed)
-    stage 3  down input   = act(gate) * up                      (hooked; fp32: recomputed for the output,
-                                                                  bf16: kept as bfloat16, see below)
-    output   h + mlp(mlp_norm(h))  or  h + down(kept input)     (written into x in place)
+    stage 3  down input   = act(gate) * up                      (hooked, recomputed per batch, not kept)
+    output   h + mlp(mlp_norm(h))                               (written into x in place)
 
 The arithmetic is the decoder layer's own (the same modules, the same batches, the same order of
 additions), so the activations equal a plain block forward bit for bit; only the work is shared. Peak
 memory: the stream x plus one tensor of its size (o_in). The walk's linears and Hessians run at the calibration
 `precision` (`calib/precision.py`); a full forward at the same precision gives the same activations bit
-for bit. At bf16 the o and down projections' GEMMs round their inputs to bfloat16 anyway, so the walk keeps
-those inputs *as* bfloat16: o_in takes half the bytes of x, and stage 3 keeps the down input (2/3 the bytes
-of x) so that the output reuses it instead of recomputing gate/up (~0.7 s per block on SmolLM2 with
-128 x 512 tokens). The GEMMs see the same bf16 values, and XᵀX of a kept input is the same too (its GEMM
-rounds to bf16 as well), so everything stays bit-identical to a full forward at bf16.
+for bit. At bf16 the o projection's GEMM rounds its input to bfloat16 anyway, so the walk keeps o_in *as*
+bfloat16 (half the bytes of x): the GEMM and XᵀX (its GEMM rounds to bf16 as well) see the same values, so
+everything stays bit-identical to a full forward at bf16. (Keeping the down input too, 2/3 of x as bf16,
+would save the gate/up recompute, ~0.7 s per block on SmolLM2 with 128 x 512 tokens, but costs 201 MB of
+peak RSS on top of the stream: measured, it broke the memory target, so the walk recomputes.)
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from torch import nn
 
 from qtool.calib.hessian import gram_upper_, rows_of, symmetric_
 from qtool.calib.precision import bf16_linears, effective, matmul_precision
+from qtool.engine.blocks import malloc_trim
 from qtool.io.arch import Arch
 
 
@@ -38,15 +38,15 @@ class _Stop(Exception):
 
 
 class StagedBlock:
-    def __init__(self, block: nn.Module, arch: Arch, runner, x: torch.Tensor, batch: int = 8,
+    def __init__(self, block: nn.Module, arch: Arch, runner, x: torch.Tensor, batch: int = 4,
                  precision: str = "fp32", keep_bf16: bool = True):
-        """`keep_bf16=False` keeps o_in in float32 and recomputes the down input even at bf16: for blocks
-        whose linears quantize their own (float32) inputs at run time (W8A8 runtime modules)."""
+        """`batch` sequences go through the block at a time (4 x 512 tokens: as fast as 8 on SmolLM2 and
+        ~90 MB lower peak RSS, measured). `keep_bf16=False` keeps o_in in float32 even at bf16: for blocks whose linears quantize their own
+        (float32) inputs at run time (W8A8 runtime modules)."""
         self.block, self.arch, self.runner, self.x, self.batch = block, arch, runner, x, batch
         self.precision = precision
         self.stage = 0
         self.o_in: torch.Tensor | None = None
-        self.down_in: torch.Tensor | None = None  # bf16 only: stage 3's input (bfloat16), kept for the output
         self._bf16_keep = keep_bf16 and effective(precision) == "bf16"
         g = arch.linear_groups
         self._first = [grp[0] for grp in g]  # the linear whose input each stage collects
@@ -96,33 +96,24 @@ class StagedBlock:
         with bf16_linears(self.block, self.precision):
             self._goto(stage)
             h, n = None, 0
-            keep = stage == 3 and self._bf16_keep
-            for i, a in zip(self._batches(self.x), self._inputs(stage)):
-                if keep:
-                    if self.down_in is None:
-                        self.down_in = torch.empty((self.x.shape[0],) + tuple(a.shape[1:]), dtype=torch.bfloat16)
-                    self.down_in[i:i + a.shape[0]] = a  # rounded to nearest even, as the GEMM would
+            for a in self._inputs(stage):
                 a = rows_of(a, name)
                 with matmul_precision(self.precision):
                     h = gram_upper_(h, a)
                 n += a.shape[0]
+        malloc_trim()  # the stage's batch temporaries: not kept in RSS under the next stage's tensors
         return symmetric_(h).div_(max(n, 1))
 
     def output(self) -> torch.Tensor:
         """The block's output for the whole stream (every group quantized by now); reuses x's memory."""
         blk = self.block
         norm, mlp = blk.get_submodule(self.arch.mlp_norm), blk.get_submodule(self.arch.mlp)
-        down = blk.get_submodule(self._first[3])
         with bf16_linears(blk, self.precision):
             self._goto(3)
             with torch.inference_mode():
                 for i in self._batches(self.x):
                     xb = self.x[i:i + self.batch]
-                    if self.down_in is not None and type(down) is nn.Linear:  # (a W8A8 runtime module
-                        xb.copy_(xb + down(self.down_in[i:i + self.batch].float()))
-                    else:  # quantizes its fp32 input itself: recompute it)
-                        xb.copy_(xb + mlp(norm(xb)))
-        self.down_in = None
+                    xb.copy_(xb + mlp(norm(xb)))
         return self.x
 
     def _goto(self, stage: int) -> None:

@@ -93,12 +93,16 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, tries: int = 6) -> tupl
     """
     h = h.double()
     mean_diag = h.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    for _ in range(tries):
-        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+    for _ in range(tries):  # one n x n float64 temporary at a time besides `h` (a 1536-wide H: 19 MB each)
+        hd = h.clone()
+        hd.diagonal().add_(damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if info.item() == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if info.item() == 0 and torch.isfinite(u).all():
                 return u.float(), damp
         damp *= 10
@@ -114,7 +118,7 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
     """
     W = w.float().clone()
     n_out, n = W.shape
-    H = hessian.double().clone()
+    H = hessian.to(torch.float64, copy=True)
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -127,7 +131,8 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
 
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if params.act_order else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[:, perm], H[perm]
+        H = H[:, perm]
         if not static:  # dynamic groups are fitted on swept columns: weigh them by their own importance
             importance = importance[perm]
     U, damp_used = inverse_hessian_factor(H, params.damp)

@@ -97,7 +97,11 @@ def test_tokenizer_and_save(source, tmp_path):
 
     ref = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
     tok = source.load_tokenizer()
-    assert source.load_tokenizer() is tok  # cached
+    again = source.load_tokenizer()
+    on_disk = (source._cache_dir() / "tokenizer" / ".complete").is_file()
+    # with a disk cache the tokenizer is reloaded from it (not held in memory: ~45 MB), else kept in memory
+    assert (again is tok) != on_disk
+    assert again(SAMPLE)["input_ids"] == tok(SAMPLE)["input_ids"]
     ids = tok(SAMPLE)["input_ids"]
     assert ids == ref(SAMPLE)["input_ids"]
     assert tok.decode(ids) == SAMPLE
