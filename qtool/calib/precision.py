@@ -5,7 +5,7 @@
   bf16 math mode (torch's ``mkldnn.matmul.fp32_precision``, `matmul_precision`): tensors stay float32 in
   and out, oneDNN rounds the GEMM *inputs* to bfloat16 and accumulates in float32 (AMX / AVX512-BF16).
   Norms, rotary, attention and the residual stream stay float32. Measured on this project's 2-core
-  Sapphire Rapids machines (`bench/precision.py`): linears ~2.1x and Hessians 1.2-1.5x faster; a linear's
+  Sapphire Rapids machines (`bench/precision.py`): linears 2.3-2.7x and Hessians 1.25-1.85x faster; a linear's
   output keeps relative error ~2.3e-3 (against ~1e-1 for the int4 weights the stream then passes through),
   a Hessian ~1e-3 (against the 1e-2 damping GPTQ adds). Attention stays float32 on purpose: the CPU
   flash-attention kernel gets *slower* in oneDNN's bf16 mode. (Casting to bf16 tensors instead gains
