@@ -26,7 +26,7 @@ output format can hold it. An explicit `--group-size` that does not divide a wid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import yaml
 
@@ -174,8 +174,7 @@ def plan_from_flags(f: Flags, widths: list[int] | None = None, base: Plan | None
         body = yaml.safe_load(base.to_yaml())
         body.pop("calibration", None)
         if base.needs_calibration:
-            body["calibration"] = {k: getattr(base.calibration, k)
-                                   for k in ("source", "samples", "seq_len", "seed", "precision")}
+            body["calibration"] = asdict(base.calibration)
         rule_list = body["rules"]
         if f.method is not None:
             preset = PRESETS[f.method]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -22,8 +24,9 @@ def rows_of(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def gram_upper_(h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def gram_upper_(h: torch.Tensor | None, x: torch.Tensor, precision: str | None = None) -> torch.Tensor:
     """Accumulate the upper block triangle of XᵀX into `h` (allocated when None); finish with `symmetric_`.
+    `precision`: of the GEMMs (`calib/precision.py`); None keeps the caller's setting.
 
     XᵀX is symmetric, so only row panels against the columns from the panel's start on are multiplied:
     with k panels (k+1)/2k of the full product's work (k = 4: 5/8), still as a few large
@@ -31,7 +34,8 @@ def gram_upper_(h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     whole; everything below them is filled by `symmetric_`.
     """
     n = x.shape[1]
-    with torch.inference_mode(False):  # callers may run inside inference mode: h must stay a normal tensor
+    knob = matmul_precision(precision) if precision else contextlib.nullcontext()
+    with torch.inference_mode(False), knob:  # callers may run inside inference mode: h must stay a normal tensor
         if h is None:
             h = torch.zeros(n, n, dtype=x.dtype)
         for a0, a1 in _panels(n):
@@ -81,8 +85,7 @@ class HessianCollector:
             else:
                 x = rows_of(args[0], name)
                 xa = x.abs()
-                with matmul_precision(self.precision):
-                    h = gram_upper_(None, x) if self.hessian else None
+                h = gram_upper_(None, x, self.precision) if self.hessian else None
                 a, m = xa.sum(0), xa.amax(0)
                 self._last_input, self._last_h, self._last_abs = args[0], h, (a, m)
             if self.hessian:

@@ -20,6 +20,7 @@ On a CPU without bf16 support everything stays IEEE float32, and the run says so
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ PRECISIONS = ("fp32", "bf16")
 DEFAULT = "bf16"
 
 
+@lru_cache(maxsize=None)  # a property of the CPU: asked on every linear call of the stream
 def bf16_supported() -> bool:
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from qtool.cli.common import check_json_dest, err, human_bytes, progress_bar, user_errors, write_json
+from qtool.cli.common import (check_json_dest, check_precision, err, human_bytes, progress_bar, user_errors,
+                              write_json)
 from qtool.cli.common import out as stdout
 
 EXAMPLE = """
@@ -57,10 +58,7 @@ def calibrate(
             raise UsageError(f"--out {out} exists; pass --force to replace it")
         if imatrix is not None and imatrix.suffix not in (".gguf", ".dat"):
             raise UsageError(f"--imatrix {imatrix}: name it *.gguf (GGUF imatrix) or *.dat (legacy format)")
-        from qtool.calib.precision import PRECISIONS
-
-        if precision not in PRECISIONS:
-            raise UsageError(f"--precision {precision}: unknown; allowed: {', '.join(PRECISIONS)}")
+        check_precision(precision)
         spec = Calibration(source=data, samples=samples, seq_len=seq_len, seed=seed, precision=precision)
         source_digest(spec)  # a missing data file fails here, before the model is read
         t0 = time.perf_counter()

@@ -69,6 +69,15 @@ def min_same_top_option(what: str):
                         rich_help_panel="Quality gate")
 
 
+def check_precision(precision: str | None) -> None:
+    """`--precision` (quantize, calibrate): one of the calibration precisions, or not given."""
+    from qtool.calib.precision import PRECISIONS
+    from qtool.errors import UsageError
+
+    if precision is not None and precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision}: unknown; allowed: {', '.join(PRECISIONS)}")
+
+
 def warn(msg: str) -> None:
     err.print(f"[bold yellow]WARNING[/]: {escape(msg)}", highlight=False, soft_wrap=True)
 

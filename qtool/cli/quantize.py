@@ -11,6 +11,7 @@ from rich.table import Table
 
 from qtool.cli.common import (
     check_json_dest,
+    check_precision,
     err,
     human_bytes,
     max_kld_option,
@@ -130,7 +131,6 @@ def quantize(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show details and tracebacks.")] = False,
 ) -> None:
     with user_errors(verbose):
-        from qtool.calib.precision import PRECISIONS
         from qtool.engine.run import run
         from qtool.errors import QualityError, UsageError
         from qtool.eval.gate import Gate
@@ -157,8 +157,7 @@ def quantize(
         if stats is not None and precision is not None:
             raise UsageError("--precision sets the calibration pass, which --stats replaces; drop one of them "
                              "(`qtool calibrate --precision` sets it for the statistics)")
-        if precision is not None and precision not in PRECISIONS:
-            raise UsageError(f"--precision {precision}: unknown; allowed: {', '.join(PRECISIONS)}")
+        check_precision(precision)
         flags = Flags(
             method, bits, group_size, sym, tuple(ignore or ()), fmt, None if calib is None else str(calib), samples, seq_len,
             seed, precision

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from qtool.calib.hessian import gram_upper_, rows_of, symmetric_
-from qtool.calib.precision import bf16_linears, effective, matmul_precision
+from qtool.calib.precision import bf16_linears, effective
 from qtool.engine.blocks import malloc_trim
 from qtool.io.arch import Arch
 
@@ -98,8 +98,7 @@ class StagedBlock:
             h, n = None, 0
             for a in self._inputs(stage):
                 a = rows_of(a, name)
-                with matmul_precision(self.precision):
-                    h = gram_upper_(h, a)
+                h = gram_upper_(h, a, self.precision)
                 n += a.shape[0]
         malloc_trim()  # the stage's batch temporaries: not kept in RSS under the next stage's tensors
         return symmetric_(h).div_(max(n, 1))
@@ -121,7 +120,7 @@ class StagedBlock:
             if self.stage == 0:  # q/k/v are final: keep the attention output (o's input), filled in place
                 self.o_in, o_in = None, None
                 for i, a in zip(self._batches(self.x), self._inputs(1)):
-                    if o_in is None:  # bf16: kept as bfloat16, like the down input (module doc)
+                    if o_in is None:  # bf16: kept as bfloat16 (module doc)
                         o_in = torch.empty((self.x.shape[0],) + tuple(a.shape[1:]),
                                            dtype=torch.bfloat16 if self._bf16_keep else a.dtype)
                     o_in[i:i + a.shape[0]] = a
