@@ -83,9 +83,17 @@ def natural_g_idx(in_features: int, group_width: int) -> torch.Tensor:
 
 
 def dequantize_with(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """``(codes - zero) * scale`` computed in ``scale.dtype`` (as loaders do), returned as float32."""
-    d = codes.to(scale.dtype) - zero.to(scale.dtype)
-    return (d * scale).float()
+    """``(codes - zero) * scale`` computed in ``scale.dtype`` (as loaders do), returned as float32.
+
+    With an integer zero the float32 arithmetic below gives the same values ~3x faster than half-precision
+    tensor ops: ``codes - zero`` is an integer below 2^8 and its product with a bf16/fp16 scale (8 or 11
+    significant bits) is exact in float32, so one rounding to ``scale.dtype`` is the rounding of the
+    half-precision product. A float zero point is subtracted in ``scale.dtype`` (that rounds too)."""
+    if zero.is_floating_point() or codes.is_floating_point():
+        d = codes.to(scale.dtype) - zero.to(scale.dtype)
+        return (d * scale).float()
+    p = (codes.float() - zero.float()) * scale.float()
+    return p if scale.dtype == torch.float32 else p.to(scale.dtype).float()
 
 
 @dataclass(frozen=True)
@@ -268,6 +276,12 @@ class AffineCodec:
         wg = self._grouped(w)
         q = quantize_with(wg, params["scale"].unsqueeze(-1), params["zero"].unsqueeze(-1), self.bits)
         return q.reshape(w.shape)
+
+    def column_grid(self) -> tuple[int, int, torch.dtype] | None:
+        """``(qmin, qmax, scale_dtype)`` of the integer grid `quantize_columns`/`dequantize_columns` implement:
+        ``q = clamp(round(x / s + z))``, decoded ``(q - z) * s`` in `scale_dtype` with an integer zero (what a
+        native GPTQ sweep needs to reproduce them bit for bit); None with a float zero point."""
+        return None if self.float_zero else (self.qmin, self.qmax, self.scale_dtype)
 
     def quantize_columns(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Codes of a column slice `x` [out, k] under per-column params (see `column_params`)."""

@@ -36,6 +36,7 @@ runs on the columns in visiting order (where each group is contiguous), with H p
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -144,27 +145,28 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
     col_group = ((perm if perm is not None and static else torch.arange(n)) // gw).tolist()
     u_diag = U.diagonal().tolist()  # python floats equal to the float32 values: the same divisions, no indexing
 
+    sweep = _native_sweep(codec)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1 = W[:, i1:i2].clone()
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not static and col % gw == 0:  # first column of a group: fit it on the updated weights
-                g_params = codec.fit(W1[:, i:i + gw], importance[col:col + gw])
+        # column ranges of the batch with fixed group parameters: the whole batch (static groups), else each
+        # group, fitted on the updated weights when the sweep reaches its first column
+        for c0 in (range(0, i2 - i1, gw) if not static else (0,)):
+            c1 = min(c0 + gw, i2 - i1) if not static else i2 - i1
+            col = i1 + c0
+            if not static:
+                g_params = codec.fit(W1[:, c0:c0 + gw], importance[col:col + gw])
                 if scale is None:
                     scale = torch.empty(n_out, n // gw, dtype=g_params["scale"].dtype)
                     zero = torch.empty(n_out, n // gw, dtype=g_params["zero"].dtype)
                 scale[:, col // gw], zero[:, col // gw] = g_params["scale"][:, 0], g_params["zero"][:, 0]
-            g = col_group[col]
-            sc, zc = scale[:, g:g + 1], zero[:, g:g + 1]
-            x = W1[:, i:i + 1]
-            q = codec.quantize_columns(x, sc, zc)
-            err = (x - codec.dequantize_columns(q, sc, zc)).div_(u_diag[col])
-            W1[:, i:].sub_(err * U1[i:i + 1, i:])  # rank-1 update: the same products as err @ U1[i, i:], ~4x faster
-            E1[:, i:i + 1] = err
-            codes[:, col:col + 1] = q
+            groups = col_group[i1:i2]
+            if sweep is not None:
+                sweep(W1, U1, c0, c1, groups, scale, zero, E1, codes[:, i1:i2])
+            else:
+                _sweep_torch(W1, U1, c0, c1, groups, scale, zero, E1, codes[:, i1:i2], u_diag[i1:i2], codec)
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
 
     g_idx = None
@@ -187,6 +189,63 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
     qt = QTensor(codec=codec, shape=(n_out, n), codes=codes, params=qparams)
     return qt, GPTQReport(damp_used=damp_used, dead_columns=int(dead.sum()), requested_damp=params.damp,
                           refit_gain=gain)
+
+
+def _sweep_torch(W1, U1, c0, c1, groups, scale, zero, E1, codes, u_diag, codec) -> None:
+    """GPTQ's error feedback over columns c0..c1 of one lazy batch, in place (the native kernel's twin).
+
+    W1 [out, b] the batch's (updated) weights, U1 [b, b] its block of U, `groups[i]` the group of batch
+    column i, E1 [out, b] receives the scaled errors and `codes` [out, b] the codes of columns c0..c1."""
+    for i in range(c0, c1):
+        g = groups[i]
+        sc, zc = scale[:, g:g + 1], zero[:, g:g + 1]
+        x = W1[:, i:i + 1]
+        q = codec.quantize_columns(x, sc, zc)
+        err = (x - codec.dequantize_columns(q, sc, zc)).div_(u_diag[i])
+        W1[:, i:].sub_(err * U1[i:i + 1, i:])  # rank-1 update: the same products as err @ U1[i, i:], ~4x faster
+        E1[:, i:i + 1] = err
+        codes[:, i:i + 1] = q
+
+
+_SDT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _native_sweep(codec):
+    """The native sweep (`kernels/cpu/gptq_sweep.cpp`) for `codec`'s grid, or None: the codec has no integer
+    column grid (`column_grid`), or the kernel cannot be built (`runtime/native.py`). Same results bit for bit."""
+    grid = getattr(codec, "column_grid", lambda: None)()
+    if grid is None or grid[2] not in _SDT:
+        return None
+    from qtool.runtime import native
+
+    lib = native.load("gptq_sweep")
+    if lib is None:
+        return None
+    qmin, qmax, sdt = grid
+    fn = lib.qtool_gptq_sweep
+    fn.restype = ctypes.c_int
+    threads = torch.get_num_threads()
+    p = ctypes.c_void_p
+    i64 = ctypes.c_int64
+
+    def sweep(W1, U1, c0, c1, groups, scale, zero, E1, codes) -> None:
+        idx = torch.tensor(groups[c0:c1])
+        s = torch.zeros(W1.shape, dtype=torch.float32)
+        z = torch.zeros(W1.shape, dtype=torch.float32)
+        s[:, c0:c1], z[:, c0:c1] = scale[:, idx].float(), zero[:, idx].float()
+        U1 = U1.contiguous()  # cholesky's factor may be column-major
+        ud = U1.diagonal().contiguous()
+        for t in (W1, E1, s, z):
+            assert t.is_contiguous() and t.dtype == torch.float32
+        assert codes.stride(1) == 1 and codes.dtype == torch.int8
+        rc = fn(p(W1.data_ptr()), i64(W1.stride(0)), p(U1.data_ptr()), i64(U1.stride(0)), p(s.data_ptr()),
+                p(z.data_ptr()), i64(s.stride(0)), p(ud.data_ptr()), p(E1.data_ptr()), i64(E1.stride(0)),
+                p(codes.data_ptr()), i64(codes.stride(0)), i64(W1.shape[0]), i64(W1.shape[1]), i64(c0), i64(c1),
+                ctypes.c_int(qmin), ctypes.c_int(qmax), ctypes.c_int(_SDT[sdt]), ctypes.c_int(threads))
+        if rc != 0:
+            raise RuntimeError(f"gptq_sweep kernel rejected its arguments (rc {rc})")
+
+    return sweep
 
 
 def refit_scales(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

@@ -291,3 +291,20 @@ def test_float_zero_parity_with_compressed_tensors(bits, group, scale_dtype):
     # the zero really is used as a float: rounding it changes the weights
     rounded = dequantize(q.codes, scale, zero.round(), args).float()
     assert not torch.equal(rounded, q.dequantize())
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_with_equals_half_precision_arithmetic(scale_dtype):
+    """The float32 fast path of `dequantize_with` (integer zero) gives exactly the scale-dtype arithmetic
+    loaders run, over the whole int8 code and zero range and scales from subnormal to large."""
+    from qtool.formats.affine import dequantize_with
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-128, 128, (64, 256), generator=g, dtype=torch.int8)
+    zero = torch.randint(-128, 128, (64, 1), generator=g, dtype=torch.int8)
+    scale = (torch.rand(64, 1, generator=g) * 8 - 20).exp2().to(scale_dtype)  # 2^-20 .. 2^-12: fp16 subnormals
+    scale[::2] = (torch.rand(32, 1, generator=g) * 10).to(scale_dtype)
+    ref = ((codes.to(scale_dtype) - zero.to(scale_dtype)) * scale).float()
+    assert torch.equal(dequantize_with(codes, scale, zero), ref)
+    fz = (zero.float() + 0.3).to(scale_dtype)  # a float zero keeps the scale-dtype subtraction (it rounds)
+    assert torch.equal(dequantize_with(codes, scale, fz), ((codes.to(scale_dtype) - fz) * scale).float())
