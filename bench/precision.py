@@ -1,7 +1,7 @@
 """Calibration precision benchmark: fp32 vs bf16 math mode on SmolLM2-135M's calibration shapes.
 
 For each product the calibration stream runs per batch of 8 x 512 tokens (q/k/v/o, gate/up, down linears;
-the Hessians XᵀX of widths 576 and 1536; attention), the time at `fp32` and at `bf16`
+the Hessians XᵀX of widths 576 and 1536; attention as bf16 tensors, and in the math mode qtool does not use), the time at `fp32` and at `bf16`
 (`qtool/calib/precision.py`), their ratio, and each one's relative error against a float64 reference,
 all measured in this run on seeded random data scaled like activations (per-channel spread). Then one
 whole GPTQ block walk of the real model (block 3, `--samples` x 512 calibration tokens from
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from qtool.calib.hessian import gram_upper_, symmetric_
-from qtool.calib.precision import bf16_linears, effective, matmul_precision
+from qtool.calib.precision import bf16_stream, effective, matmul_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS, HIDDEN, INTER, KV = 8 * 512, 576, 1536, 192
@@ -61,7 +61,7 @@ def products(n: int) -> list[dict]:
         ref = F.linear(x.double(), w.double())
         row = {"product": name}
         for p in ("fp32", "bf16"):
-            with bf16_linears(lin, p), torch.inference_mode():
+            with bf16_stream(lin, p), torch.inference_mode():
                 row[f"{p}_ms"] = _median_time(lambda: lin(x), n) * 1e3
                 row[f"{p}_rel_err"] = _rel(lin(x), ref)
         rows.append(row)
@@ -76,8 +76,19 @@ def products(n: int) -> list[dict]:
         rows.append(row)
     q, k_, v = (torch.randn(8, 9, 512, 64, generator=g) for _ in range(3))
     ref = F.scaled_dot_product_attention(q.double(), k_.double(), v.double(), is_causal=True)
-    row = {"product": "attention (sdpa), not switched"}
-    for p in ("fp32", "bf16"):  # what attention would cost in oneDNN's bf16 mode: why qtool keeps it float32
+
+    def attention(p):  # what the stream runs (`calib/precision.py`): bf16 casts q/k/v to bfloat16 tensors
+        if p == "fp32":
+            return F.scaled_dot_product_attention(q, k_, v, is_causal=True)
+        return F.scaled_dot_product_attention(q.bfloat16(), k_.bfloat16(), v.bfloat16(), is_causal=True).float()
+
+    row = {"product": "attention (sdpa), bf16 tensors incl. casts"}
+    for p in ("fp32", "bf16"):
+        row[f"{p}_ms"] = _median_time(lambda: attention(p), n) * 1e3
+        row[f"{p}_rel_err"] = _rel(attention(p), ref)
+    rows.append(row)
+    row = {"product": "attention (sdpa) in oneDNN's bf16 math mode, not used"}
+    for p in ("fp32", "bf16"):  # float32 tensors in the math mode: slower, why the casts are used instead
         with matmul_precision(p):
             row[f"{p}_ms"] = _median_time(lambda: F.scaled_dot_product_attention(q, k_, v, is_causal=True), n) * 1e3
             row[f"{p}_rel_err"] = _rel(F.scaled_dot_product_attention(q, k_, v, is_causal=True), ref)

@@ -82,7 +82,7 @@ def collect(source, calibration, *, progress: Callable[[str, int, int], None] | 
     embeddings) and gather every linear input's statistics."""
     from qtool.calib.data import calibration_tokens
     from qtool.calib.hessian import HessianCollector
-    from qtool.calib.precision import bf16_linears
+    from qtool.calib.precision import bf16_stream
     from qtool.engine.blocks import BlockRunner, materialize, release, skeleton
     from qtool.io.arch import arch_of
 
@@ -104,7 +104,7 @@ def collect(source, calibration, *, progress: Callable[[str, int, int], None] | 
         firsts = [g[0] for g in arch.linear_groups]
         collector = HessianCollector(block, firsts, early_stop=False, precision=calibration.precision)
         outs = []
-        with bf16_linears(block, calibration.precision):
+        with bf16_stream(block, calibration.precision):
             hess = collector.run(lambda b: outs.append(runner(block, b)), x.split(batch))
         x = torch.cat(outs)
         for g in arch.linear_groups:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from qtool.calib.hessian import gram_upper_, rows_of, symmetric_
-from qtool.calib.precision import bf16_linears, effective
+from qtool.calib.precision import bf16_stream, effective
 from qtool.engine.blocks import malloc_trim
 from qtool.io.arch import Arch
 
@@ -93,7 +93,7 @@ class StagedBlock:
     # ---- API -----------------------------------------------------------------------------------------
     def hessian(self, stage: int, name: str) -> torch.Tensor:
         """XᵀX/N (float32) of the input of linear group `stage`, as the partly quantized block produces it."""
-        with bf16_linears(self.block, self.precision):
+        with bf16_stream(self.block, self.precision):
             self._goto(stage)
             h, n = None, 0
             for a in self._inputs(stage):
@@ -107,7 +107,7 @@ class StagedBlock:
         """The block's output for the whole stream (every group quantized by now); reuses x's memory."""
         blk = self.block
         norm, mlp = blk.get_submodule(self.arch.mlp_norm), blk.get_submodule(self.arch.mlp)
-        with bf16_linears(blk, self.precision):
+        with bf16_stream(blk, self.precision):
             self._goto(3)
             with torch.inference_mode():
                 for i in self._batches(self.x):

@@ -65,11 +65,11 @@ def block_stats(block: nn.Module, arch: Arch, names: list[str], forward, batches
     shared entry per input). `hessian=False` skips XᵀX (SmoothQuant needs only the absolute statistics).
     `precision`: of the forward's linears and the XᵀX GEMMs (`calib/precision.py`)."""
     from qtool.calib.hessian import HessianCollector
-    from qtool.calib.precision import bf16_linears
+    from qtool.calib.precision import bf16_stream
 
     firsts = [g[0] for g in arch.linear_groups if any(lin in names for lin in g)]
     collector = HessianCollector(block, firsts, hessian=hessian, precision=precision)
-    with bf16_linears(block, precision):
+    with bf16_stream(block, precision):
         hessians = collector.run(forward, batches)
     stats = {}
     for g in arch.linear_groups:

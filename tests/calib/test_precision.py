@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtool.calib.hessian import HessianCollector, gram_upper_, symmetric_
-from qtool.calib.precision import bf16_linears, bf16_supported, effective, matmul_precision
+from qtool.calib.precision import BF16_ATTENTION, bf16_stream, bf16_supported, effective, matmul_precision
 from qtool.engine.blocks import BlockRunner, materialize, skeleton
 from qtool.engine.staged import StagedBlock
 from qtool.errors import PlanError
@@ -64,13 +64,13 @@ def _tiny_block(tiny_llama):
 
 
 @needs_bf16
-def test_bf16_linears_round_only_inside_the_context_and_keep_hooks(tiny_llama):
+def test_bf16_stream_round_only_inside_the_context_and_keep_hooks(tiny_llama):
     block, _, runner, cfg = _tiny_block(tiny_llama)
     x = torch.randn(4, 32, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     ref = runner(block, x)
     seen = []
     h = block.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
-    with bf16_linears(block, "bf16"):
+    with bf16_stream(block, "bf16"):
         fast = runner(block, x)
         assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"  # attention and the rest stay float32
     h.remove()
@@ -79,15 +79,39 @@ def test_bf16_linears_round_only_inside_the_context_and_keep_hooks(tiny_llama):
     assert _rel(fast, ref) < 2e-2
     assert torch.equal(runner(block, x), ref)  # original forwards restored
     assert all("forward" not in m.__dict__ for m in block.modules() if isinstance(m, nn.Linear))
-    with bf16_linears(block, "fp32"):  # fp32: nothing changes, bit for bit
+    with bf16_stream(block, "fp32"):  # fp32: nothing changes, bit for bit
         assert torch.equal(runner(block, x), ref)
+
+
+@needs_bf16
+def test_bf16_attention_runs_on_bf16_tensors_inside_the_context_only(tiny_llama, monkeypatch):
+    """Inside the context the block's sdpa attention gets bf16 q/k/v (and returns float32); outside, float32."""
+    block, _, runner, cfg = _tiny_block(tiny_llama)
+    x = torch.randn(2, 32, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append(q.dtype)
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with bf16_stream(block, "bf16"):
+        assert block.self_attn.config._attn_implementation == BF16_ATTENTION
+        fast = runner(block, x)
+    assert block.self_attn.config._attn_implementation == "sdpa"
+    ref = runner(block, x)
+    assert seen == [torch.bfloat16, torch.float32] and fast.dtype == torch.float32
+    with bf16_stream(block, "fp32"):
+        assert block.self_attn.config._attn_implementation == "sdpa"
+    assert 0 < _rel(fast, ref) < 2e-2
 
 
 @needs_bf16
 def test_bf16_linear_reads_weights_rewritten_in_place():
     lin = nn.Linear(256, 128, bias=False)
     x = torch.randn(64, 256)
-    with bf16_linears(lin, "bf16"):
+    with bf16_stream(lin, "bf16"):
         a = lin(x)
         with torch.no_grad():
             lin.weight.mul_(2)
@@ -102,7 +126,7 @@ def test_staged_walk_at_a_precision_equals_full_forwards_at_it(tiny_llama, preci
     x = torch.randn(12, 32, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     staged = StagedBlock(block, arch, runner, x.clone(), batch=4, precision=precision)
     for gi, group in enumerate(arch.linear_groups):
-        with bf16_linears(block, precision):
+        with bf16_stream(block, precision):
             ref = HessianCollector(block, [group[0]], precision=precision).run(
                 lambda b: runner(block, b), x.split(4))[group[0]]
         got = staged.hessian(gi, group[0])
@@ -112,7 +136,7 @@ def test_staged_walk_at_a_precision_equals_full_forwards_at_it(tiny_llama, preci
                 w = block.get_submodule(lin).weight
                 w.copy_(torch.round(w * 16) / 16)
     out = staged.output()
-    with bf16_linears(block, precision):
+    with bf16_stream(block, precision):
         full = torch.cat([runner(block, b) for b in x.split(4)])
     assert torch.equal(out, full)
     if precision == "bf16" and bf16_supported():
