@@ -248,6 +248,15 @@ def _native_sweep(codec):
     return sweep
 
 
+def native_unavailable(codec) -> str:
+    """Why GPTQ with `codec` runs the torch twin although the codec has an integer grid ('' otherwise)."""
+    if getattr(codec, "column_grid", lambda: None)() is None or _native_sweep(codec) is not None:
+        return ""
+    from qtool.runtime import native
+
+    return native.why("gptq_sweep")
+
+
 def refit_scales(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  h: torch.Tensor, gw: int, dequantize_columns) -> tuple[torch.Tensor, float]:
     """Best group scales for fixed codes under E(s) = tr((W − Ŵ) H (W − Ŵ)ᵀ) (module doc), per row.

@@ -88,3 +88,30 @@ def test_kernel_rejects_bad_ranges(lib):
                                 p(z.data_ptr()), i64(4), p(u.data_ptr()), p(z.data_ptr()), i64(4), p(q.data_ptr()),
                                 i64(4), i64(2), i64(4), i64(c0), i64(c1), -8, 7, sdt, 1)
     assert f(*args(0, 5, 0)) != 0 and f(*args(3, 2, 0)) != 0 and f(*args(0, 4, 7)) != 0
+
+
+def test_engine_artifacts_are_identical_without_the_kernel_and_say_so(lib, tiny_llama, tmp_path, monkeypatch):
+    """A whole quantize run with the kernel disabled writes the same bytes, and the manifest says why it was slower."""
+    from importlib import resources
+
+    from qtool.engine.run import run
+    from qtool.io.source import open_model
+    from qtool.plan import parse_plan
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(resources.files("qtool").joinpath("data/check.txt").read_text())
+    plan = parse_plan("rules:\n  - {match: '.*', method: gptq, bits: 4, group_size: 64, act_order: true}\n"
+                      f"calibration: {{source: '{calib}', samples: 8, seq_len: 64, seed: 0}}\n")
+    fast = run(open_model(tiny_llama), plan, tmp_path / "native")
+    assert not any("native" in w for w in fast.warnings)
+    monkeypatch.setenv("QTOOL_NATIVE", "0")
+    native.load.cache_clear()
+    try:
+        slow = run(open_model(tiny_llama), plan, tmp_path / "twin")
+    finally:
+        monkeypatch.delenv("QTOOL_NATIVE")
+        native.load.cache_clear()
+    assert (tmp_path / "native" / "model.safetensors").read_bytes() == (tmp_path / "twin" / "model.safetensors").read_bytes()
+    assert ("native GPTQ sweep unavailable (native kernels disabled by QTOOL_NATIVE=0): its torch twin ran "
+            "(same results, slower)") in slow.warnings
+
