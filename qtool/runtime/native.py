@@ -16,13 +16,20 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 from qtool.cache import cache_root
 
-SOURCES = Path(__file__).resolve().parents[2] / "kernels" / "cpu"  # the repository's kernels/ (editable install)
+def _sources() -> Path:
+    """The repository's kernels/cpu (editable install), else the copy a wheel puts under <prefix>/share/qtool."""
+    repo = Path(__file__).resolve().parents[2] / "kernels" / "cpu"
+    return repo if repo.is_dir() else Path(sys.prefix) / "share" / "qtool" / "kernels" / "cpu"
+
+
+SOURCES = _sources()
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-fast-math")
 
 _why: dict[str, str] = {}
