@@ -1,4 +1,5 @@
-"""Loader of qtool's native CPU kernels (`kernels/cpu/<name>.cpp`), with a torch twin behind each.
+"""Loader of qtool's native CPU kernels (`kernels/cpu/<name>.cpp`: the repository's, or the copy a wheel
+installs under ``<prefix>/share/qtool/kernels/cpu``), with a torch twin behind each.
 
 A kernel is compiled on first use with the system C++ compiler ($CXX, else c++/g++/clang++) into the cache
 (`<cache>/kernels/<name>-<digest>.so`, the digest covering the source, the flags and the compiler's version;
