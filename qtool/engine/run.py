@@ -122,9 +122,9 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
         if plan.needs_calibration and stats is None and effective(plan.calibration.precision) != plan.calibration.precision:
             manifest.warnings.append(f"calibration.precision {plan.calibration.precision}: this CPU has no bf16 "
                                      "matmul support, the calibration pass ran in fp32")
-        slow = {METHODS["gptq"].native_unavailable(s.codec) for s in specs.values() if s.method == "gptq"} - {""}
-        manifest.warnings += [f"native GPTQ sweep unavailable ({why}): its torch twin ran (same results, slower)"
-                              for why in sorted(slow)]
+        manifest.warnings += sorted({why for s in specs.values()  # a method with a native kernel: why its twin ran
+                                     if (slow := getattr(METHODS[s.method], "native_unavailable", None))
+                                     for why in [slow(s.codec)] if why})
         _copy_tokenizer(source, writer)
         writer.add_file("qtool_plan.yaml", plan.to_yaml())
         manifest.total_bytes = writer.total_bytes

@@ -151,6 +151,7 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
         W1 = W[:, i1:i2].clone()
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        groups = col_group[i1:i2]
         # column ranges of the batch with fixed group parameters: the whole batch (static groups), else each
         # group, fitted on the updated weights when the sweep reaches its first column
         for c0 in (range(0, i2 - i1, gw) if not static else (0,)):
@@ -162,7 +163,6 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
                     scale = torch.empty(n_out, n // gw, dtype=g_params["scale"].dtype)
                     zero = torch.empty(n_out, n // gw, dtype=g_params["zero"].dtype)
                 scale[:, col // gw], zero[:, col // gw] = g_params["scale"][:, 0], g_params["zero"][:, 0]
-            groups = col_group[i1:i2]
             if sweep is not None:
                 sweep(W1, U1, c0, c1, groups, scale, zero, E1, codes[:, i1:i2])
             else:
@@ -210,10 +210,15 @@ def _sweep_torch(W1, U1, c0, c1, groups, scale, zero, E1, codes, u_diag, codec) 
 _SDT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def _grid(codec):
+    """The codec's integer column grid (`AffineCodec.column_grid`), None when it has none."""
+    return getattr(codec, "column_grid", lambda: None)()
+
+
 def _native_sweep(codec):
     """The native sweep (`kernels/cpu/gptq_sweep.cpp`) for `codec`'s grid, or None: the codec has no integer
     column grid (`column_grid`), or the kernel cannot be built (`runtime/native.py`). Same results bit for bit."""
-    grid = getattr(codec, "column_grid", lambda: None)()
+    grid = _grid(codec)
     if grid is None or grid[2] not in _SDT:
         return None
     from qtool.runtime import native
@@ -249,12 +254,13 @@ def _native_sweep(codec):
 
 
 def native_unavailable(codec) -> str:
-    """Why GPTQ with `codec` runs the torch twin although the codec has an integer grid ('' otherwise)."""
-    if getattr(codec, "column_grid", lambda: None)() is None or _native_sweep(codec) is not None:
+    """The manifest warning when GPTQ with `codec` runs the torch twin although the codec has an integer grid
+    ('' otherwise)."""
+    if _grid(codec) is None or _native_sweep(codec) is not None:
         return ""
     from qtool.runtime import native
 
-    return native.why("gptq_sweep")
+    return f"native GPTQ sweep unavailable ({native.why('gptq_sweep')}): its torch twin ran (same results, slower)"
 
 
 def refit_scales(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
