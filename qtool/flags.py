@@ -222,3 +222,42 @@ def plan_from_flags(f: Flags, widths: list[int] | None = None, base: Plan | None
     text = yaml.safe_dump(body, sort_keys=False)
     plan = parse_plan(text, where="<flags>")
     return FlagPlan(plan, plan.to_yaml(), notes)
+
+
+GGUF_METHODS = ("rtn", "gptq")
+
+
+def gguf_plan_from_flags(mix: str, method: str | None, f: Flags, base: Plan | None = None,
+                         importance: bool = False) -> FlagPlan:
+    """The GGUF plan of `qtool convert-gguf` (and `quantize --format gguf`): llama.cpp's mix `mix` for every
+    tensor (`codec: mix`), through `method`; `importance`: collect an imatrix from the calibration text (RTN)."""
+    from qtool.formats.gguf_mixes import MIXES
+
+    key = mix.upper()
+    if key not in MIXES:
+        raise UsageError(f"--type {mix}: unknown GGUF type; known: {', '.join(MIXES)}")
+    if method is not None and method not in GGUF_METHODS:
+        raise UsageError(f"--method {method} cannot write GGUF in this version; allowed: {', '.join(GGUF_METHODS)}")
+    notes: list[str] = []
+    if base is not None:
+        body = yaml.safe_load(base.to_yaml())
+        if method is not None:
+            for r in body["rules"]:
+                r["method"] = method
+            notes.append(f"--method {method} overrides the plan's methods")
+    else:
+        body = {"rules": [{"match": ".*", "method": method or "rtn", "codec": "mix"}]}
+    body.setdefault("output", {}).update({"format": "gguf", "type": key})
+    calibrated = importance or any(r.get("method") == "gptq" for r in body["rules"]) or (base and base.needs_calibration)
+    if calibrated:
+        cal = dict(body.get("calibration") or {"source": "generated", "samples": 128, "seq_len": 512, "seed": 0})
+        for k, value in (("source", f.calib), ("samples", f.samples), ("seq_len", f.seq_len), ("seed", f.seed),
+                         ("precision", f.precision)):
+            if value is not None:
+                cal[k] = value
+        body["calibration"] = cal
+        if cal["source"] == "generated":
+            notes.append("no calibration text given: sampling it from the model itself (seeded, offline); "
+                         "pass --calib FILE to use real text")
+    plan = parse_plan(yaml.safe_dump(body, sort_keys=False), where="<flags>")
+    return FlagPlan(plan, plan.to_yaml(), notes)

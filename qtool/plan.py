@@ -45,19 +45,25 @@ TRANSFORMS = ("awq", "smoothquant")  # float rewrites applied before the weight 
 CALIBRATED = ("gptq", "awq", "smoothquant")
 ACTIVATIONS = ("none", "int8")  # int8: dynamic per-token symmetric int8 inputs at run time (W8A8)
 ASYMMETRIC_DEFAULT = ("awq", "hqq")  # methods whose rules default to `symmetric: false` (zero points)
-CODECS = ("int", "nf4", "fp4")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k", "q3_k", "q4_k",
+              "q5_k", "q6_k", "iq4_xs")  # ggml types qtool encodes (formats/gguf_*.py)
+MIX = "mix"  # GGUF plans: the type llama.cpp's named mix (`output.type`) gives each tensor
+CODECS = ("int", "nf4", "fp4") + GGUF_TYPES + (MIX,)
 INT_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, 256)
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 ON_INDIVISIBLE = ("error", "fallback-per-channel", "fallback-group-64")
-FORMATS = ("compressed-tensors", "bnb", "gptq", "gptq_v2", "awq")
+FORMATS = ("compressed-tensors", "bnb", "gptq", "gptq_v2", "awq", "gguf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FORMAT_OF_CODEC = {"int": "compressed-tensors", "nf4": "bnb", "fp4": "bnb"}
+FORMAT_OF_CODEC = {"int": "compressed-tensors", "nf4": "bnb", "fp4": "bnb", **{t: "gguf" for t in GGUF_TYPES + (MIX,)}}
 FP16_SCALE_FORMATS = ("gptq", "gptq_v2", "awq")
 G_IDX_FORMATS = ("gptq", "gptq_v2")  # compressed-tensors 0.20 removed actorder 'group'; AWQ has no g_idx
 # which codecs each output format can hold (int codecs: bits allowed in that format)
 FORMAT_CODECS = {"compressed-tensors": {"int": INT_BITS}, "bnb": {"nf4": (), "fp4": (), "int": (8,)},
-                 "gptq": {"int": (2, 3, 4, 8)}, "gptq_v2": {"int": (2, 3, 4, 8)}, "awq": {"int": (4,)}}
+                 "gptq": {"int": (2, 3, 4, 8)}, "gptq_v2": {"int": (2, 3, 4, 8)}, "awq": {"int": (4,)},
+                 "gguf": {t: () for t in GGUF_TYPES + (MIX,)}}
+# modules outside the decoder blocks that GGUF plans quantize (rules may name them; HF formats keep them float)
+EMBED, HEAD = "model.embed_tokens", "lm_head"
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ class LayerSpec:
     codec: Codec
     note: str = ""
     rule: Rule | None = None
+    candidates: tuple = ()  # GGUF shape fallback: codecs no larger than llama.cpp's; the least-error one is kept
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,7 @@ class Plan:
     ignore: tuple[str, ...] = ()
     on_indivisible: str = "error"
     output_format: str = "compressed-tensors"
+    gguf_type: str = "Q4_K_M"  # GGUF output: llama.cpp's named mix (`output.type`) that `codec: mix` follows
     dtype: str = "auto"
     check_sequences: int = 4
     check_seq_len: int = 128
@@ -127,14 +135,18 @@ class Plan:
     calibration: Calibration = Calibration()
     source: str = field(default="<flags>", compare=False)
 
+    gguf_importance: bool = False  # GGUF plans with a `calibration:` section: codecs weight by its importance
+
     @property
     def needs_calibration(self) -> bool:
-        return any(step in CALIBRATED for r in self.rules for step in r.steps)
+        return self.gguf_importance or any(step in CALIBRATED for r in self.rules for step in r.steps)
 
     def digest(self) -> str:
         """sha256 of the plan's content (not of where it came from): keys caches and resume data."""
         body = asdict(self)
         body.pop("source")
+        if self.output_format != "gguf":
+            body.pop("gguf_type"), body.pop("gguf_importance")  # digests of HF plans are unchanged by the GGUF field
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def to_yaml(self) -> str:
@@ -146,6 +158,9 @@ class Plan:
             d["group_size"] = "channel" if r.group_size == 0 else r.group_size
             if r.codec == "int":
                 d.pop("block_size"), d.pop("double_quant")
+            elif r.codec in GGUF_TYPES + (MIX,):
+                d.pop("block_size"), d.pop("double_quant")
+                d.pop("bits"), d.pop("group_size"), d.pop("symmetric"), d.pop("clip_search")
             else:
                 d.pop("bits"), d.pop("group_size"), d.pop("symmetric"), d.pop("clip_search")
             if r.method != "gptq":
@@ -161,19 +176,23 @@ class Plan:
             "rules": rules,
             "ignore": list(self.ignore),
             "on_indivisible": self.on_indivisible,
-            "output": {"format": self.output_format, "dtype": self.dtype},
+            "output": {"format": self.output_format, "dtype": self.dtype,
+                       **({"type": self.gguf_type} if self.output_format == "gguf" else {})},
             "check": {"sequences": self.check_sequences, "seq_len": self.check_seq_len, "warn_kld": self.warn_kld},
         }
         if self.needs_calibration:
             body["calibration"] = asdict(self.calibration)
         return yaml.safe_dump(body, sort_keys=False)
 
-    def resolve(self, shapes: dict[str, tuple[int, int]], dtype=None) -> dict[str, LayerSpec]:
+    def resolve(self, shapes: dict[str, tuple[int, int]], dtype=None, mix: dict | None = None) -> dict[str, LayerSpec]:
         """One LayerSpec per quantized linear (module name -> spec); ignored/unmatched modules are absent.
 
         `shapes` maps module names (no `.weight`) to weight shapes (out, in); `dtype` is the artifact's float
         dtype, which scales are stored in (loaders dequantize in the model dtype; GPTQ/AWQ files hold fp16).
         Indivisible group sizes are handled as `on_indivisible` says; `error` raises IndivisibleError naming the layer and widths.
+        `mix` (GGUF plans): module name -> `formats.gguf_mixes.TypeChoice`, the types `codec: mix` follows.
+        A GGUF type that does not fit a tensor's rows takes llama.cpp's fallback and records the candidates
+        no larger than it (`LayerSpec.candidates`): the engine keeps the one with the least error.
         """
         if self.output_format in FP16_SCALE_FORMATS:
             import torch
@@ -185,7 +204,10 @@ class Plan:
                 continue
             for i, rule in enumerate(self.rules):
                 if re.search(rule.match, name):
-                    specs[name] = self._spec(name, i, rule, shapes[name], dtype)
+                    if rule.codec in GGUF_TYPES + (MIX,):
+                        specs[name] = _gguf_spec(name, i, rule, shapes[name], (mix or {}).get(name))
+                    else:
+                        specs[name] = self._spec(name, i, rule, shapes[name], dtype)
                     break
         return specs
 
@@ -206,6 +228,28 @@ class Plan:
             except IndivisibleError:
                 fallback = make_codec(replace(rule, group_size=0), dtype)
             return LayerSpec(name, index, rule.method, fallback, note=f"{codec.name} -> {fallback.name}: {e}", rule=rule)
+
+
+def _gguf_spec(name: str, index: int, rule: Rule, shape: tuple[int, int], choice) -> LayerSpec:
+    """A GGUF tensor's spec: the rule's type (or the mix's), with llama.cpp's shape fallback when its rows do not
+    fit the type's blocks; then the 32-block types no larger than that fallback are the candidates."""
+    from qtool.formats.gguf_base import gguf_codec
+    from qtool.formats.gguf_mixes import FALLBACK_CANDIDATES, _fallback
+
+    if rule.codec == MIX:
+        if choice is None:
+            raise PlanError(f"{name}: `codec: mix` needs GGUF output (`output: {{format: gguf, type: Q4_K_M}}`)")
+        wanted = choice.wanted or choice.type
+    else:
+        wanted = rule.codec
+    fb = _fallback(wanted, shape[-1])
+    method = rule.method if name not in (EMBED, HEAD) else "rtn"  # no Hessian for the embedding / the head here
+    note = "" if method == rule.method else f"{rule.method} -> rtn (embedding/head)"
+    if fb.wanted is None:
+        return LayerSpec(name, index, method, gguf_codec(fb.type), note=note, rule=rule)
+    cands = tuple(gguf_codec(t) for t in FALLBACK_CANDIDATES.get(fb.type, (fb.type,)) if shape[-1] % 32 == 0)
+    return LayerSpec(name, index, method, gguf_codec(fb.type), note="; ".join(filter(None, [note, fb.reason])),
+                     rule=rule, candidates=cands)
 
 
 def make_codec(rule: Rule, dtype=None) -> Codec:
@@ -322,7 +366,8 @@ def _rule(n: _Node) -> Rule:
         kw.update(_method_chain(f["method"]))
     codec = kw["codec"] = f["codec"].choice(CODECS) if "codec" in f else "int"
     int_only, nf_only = ("bits", "group_size", "symmetric", "clip_search"), ("block_size", "double_quant")
-    for key in int_only if codec != "int" else nf_only:
+    gguf_codec = codec in GGUF_TYPES + (MIX,)
+    for key in (int_only + nf_only if gguf_codec else int_only if codec != "int" else nf_only):
         if key in f:
             raise f[key].error(f"does not apply to codec {codec!r}")
     if "bits" in f:
@@ -330,8 +375,9 @@ def _rule(n: _Node) -> Rule:
     if "group_size" in f:
         g = f["group_size"].scalar()
         kw["group_size"] = 0 if g in ("channel", -1) else f["group_size"].choice(GROUP_SIZES + ("channel",))
-    if kw.get("method", "rtn") != "rtn" and codec != "int":
-        raise f["method"].error(f"{kw['method']} quantizes through int codecs; codec {codec!r} is not supported")
+    if kw.get("method", "rtn") not in ("rtn", "gptq" if gguf_codec else "rtn") and codec != "int":
+        raise f["method"].error(f"{kw['method']} quantizes through int codecs{' (and gptq through GGUF types)' if gguf_codec else ''}; "
+                                f"codec {codec!r} is not supported")
     if kw.get("transforms") and codec != "int":
         raise f["method"].error(f"{kw['transforms'][0]} scaling is searched on int grids; codec {codec!r} is not supported")
     for key in GPTQ_FIELDS:
@@ -405,7 +451,11 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
     # LLM.int8 (outlier columns) is a bitsandbytes layout; everything else follows its codec
     formats = {"bnb" if r.outlier_threshold > 0 else FORMAT_OF_CODEC[r.codec] for r in rules}
     if "output" in top:
-        out = top["output"].mapping(("format", "dtype"))
+        out = top["output"].mapping(("format", "dtype", "type"))
+        if "type" in out:
+            from qtool.formats.gguf_mixes import MIXES
+
+            kw["gguf_type"] = out["type"].choice(tuple(MIXES))
         if "format" in out:
             kw["output_format"] = out["format"].choice(FORMATS)
             fmt, allowed = kw["output_format"], FORMAT_CODECS[kw["output_format"]]
@@ -437,6 +487,8 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
                                               "allowed: compressed-tensors")
         if "dtype" in out:
             kw["dtype"] = out["dtype"].choice(DTYPES)
+        if "type" in out and kw.get("output_format", formats and next(iter(formats))) != "gguf":
+            raise out["type"].error("names a GGUF mix (Q4_K_M, ...): it applies to `format: gguf` only")
     if "output_format" not in kw:
         if len(formats) > 1:
             raise top["rules"].error("rules mix compressed-tensors (int codecs) with bitsandbytes (nf4/fp4, or "
@@ -478,6 +530,8 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
         if "precision" in cal:
             ckw["precision"] = cal["precision"].choice(PRECISIONS)
         kw["calibration"] = Calibration(**ckw)
+        if kw["output_format"] == "gguf":
+            kw["gguf_importance"] = True  # GGUF: the calibration text gives every codec its importance (imatrix)
     return Plan(**kw)
 
 

@@ -6,6 +6,7 @@ import typer
 
 from qtool import __version__
 from qtool.cli import calibrate as calibrate_cmd
+from qtool.cli import convert_gguf as convert_gguf_cmd
 from qtool.cli import eval as eval_cmd
 from qtool.cli import quantize as quantize_cmd
 
@@ -22,6 +23,7 @@ app = typer.Typer(
 app.command("calibrate", no_args_is_help=True)(calibrate_cmd.calibrate)
 app.command("quantize", no_args_is_help=True)(quantize_cmd.quantize)
 app.command("eval", no_args_is_help=True)(eval_cmd.evaluate)
+app.command("convert-gguf", no_args_is_help=True)(convert_gguf_cmd.convert_gguf)
 
 
 def _version(value: bool) -> None:

@@ -33,13 +33,16 @@ def check_tokens(tokenizer, n: int, seq_len: int) -> torch.Tensor:
     return ids[:need].view(n, seq_len)
 
 
-def logit_kld(hf: torch.Tensor, hq: torch.Tensor, head: torch.Tensor) -> tuple[float, float]:
-    """Mean KL(base || quantized) and same-top % of final logits, one sequence at a time (bounded memory)."""
+def logit_kld(hf: torch.Tensor, hq: torch.Tensor, head: torch.Tensor,
+              head_q: torch.Tensor | None = None) -> tuple[float, float]:
+    """Mean KL(base || quantized) and same-top % of final logits, one sequence at a time (bounded memory).
+    `head_q`: the quantized model's output head when it differs from the base's (GGUF quantizes it)."""
+    head_q = head if head_q is None else head_q
     kld_sum, same, n = 0.0, 0, 0
     # 16 positions at a time: the float64 log-probs of a 49k vocabulary stay ~6 MB per tensor
     for a, b in zip(hf.reshape(-1, hf.shape[-1]).split(16), hq.reshape(-1, hq.shape[-1]).split(16)):
         lp = torch.log_softmax((a @ head.T).double(), -1)
-        lq = torch.log_softmax((b @ head.T).double(), -1)
+        lq = torch.log_softmax((b @ head_q.T).double(), -1)
         kld_sum += (lp.exp() * (lp - lq)).sum().item()
         same += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
         n += lp.shape[0]

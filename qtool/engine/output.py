@@ -169,3 +169,22 @@ OUTPUTS = {
     "gptq_v2": _gptq_output("gptq_v2"),
     "awq": Output("awq", _awq_pack, _awq_config),
 }
+
+
+def _gguf_pack(q: QTensor, dtype: torch.dtype, spec: LayerSpec | None = None) -> dict[str, torch.Tensor]:
+    raise TypeError("GGUF tensors are written whole by the GGUF sink (engine/sinks.py), not packed per key")
+
+
+def _gguf_config(specs: dict[str, LayerSpec], unquantized: list[str], dtype: torch.dtype) -> dict:
+    """GGUF has no quantization_config: every tensor names its own ggml type. Checks the plan resolved to
+    GGUF codecs only (the plan's validation already refuses others)."""
+    from qtool.errors import UsageError
+
+    for name, spec in sorted(specs.items()):
+        if not hasattr(spec.codec, "ggml_type"):
+            raise UsageError(f"{name}: codec {spec.codec.name} is not a GGUF type; GGUF plans name ggml types "
+                             "(q4_k, q6_k, ...) or `codec: mix`")
+    return {}
+
+
+OUTPUTS["gguf"] = Output("gguf", _gguf_pack, _gguf_config)

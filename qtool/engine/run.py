@@ -23,16 +23,13 @@ from qtool.engine.output import OUTPUTS
 from qtool.engine.staged import StagedBlock
 from qtool.engine.transforms import TransformReport, apply_transforms, block_stats
 from qtool.errors import ModelError, UsageError
+from qtool.formats.base import QTensor
 from qtool.io.arch import arch_of
-from qtool.io.hf_writer import HFWriter
 from qtool.io.source import ModelSource
 from qtool.methods import METHODS
-from qtool.plan import LayerSpec, Plan
+from qtool.plan import EMBED, HEAD, LayerSpec, Plan
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 
 
 @dataclass
@@ -61,7 +58,8 @@ class Manifest:
     warnings: list[str] = field(default_factory=list)
 
     def worst_layers(self, k: int = 5) -> list[LayerReport]:
-        key = (lambda r: r.output_rel_err) if self.check else (lambda r: r.weight_rel_err)
+        key = (lambda r: r.output_rel_err if r.output_rel_err is not None else r.weight_rel_err) if self.check \
+            else (lambda r: r.weight_rel_err)
         return sorted(self.layers, key=key, reverse=True)[:k]
 
     def to_json(self) -> dict:
@@ -79,10 +77,12 @@ def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, check: bool = True,
-        progress: Progress | None = None, stats=None) -> Manifest:
-    """Quantize `source` with `plan` into the HF directory `out` (atomically). Returns the manifest.
+        progress: Progress | None = None, stats=None, imatrix: Path | None = None) -> Manifest:
+    """Quantize `source` with `plan` into `out` (an HF directory, or a .gguf file for GGUF plans; atomically).
 
-    `stats` (`calib.stats.Stats` of this model, from `qtool calibrate`) replaces the calibration pass."""
+    `stats` (`calib.stats.Stats` of this model, from `qtool calibrate`) replaces the calibration pass;
+    `imatrix` (an importance matrix file: `qtool calibrate --imatrix` or llama.cpp's llama-imatrix) gives the
+    GGUF codecs their importance."""
     t0 = time.perf_counter()
     progress = progress or (lambda stage, done, total: None)
     cfg = source.config
@@ -92,6 +92,7 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
         raise ModelError(f"{source.path}: {e}") from None
     n_layers = cfg.num_hidden_layers
     out_fmt = OUTPUTS[plan.output_format]
+    gguf_out = plan.output_format == "gguf"
 
     # -- everything that can fail on the user's input fails here, before any work
     shapes = {}
@@ -102,55 +103,92 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
                 shapes[name] = source.shape(name + ".weight")
             except KeyError:
                 raise ModelError(f"{source.path}: tensor {name}.weight is missing") from None
-    dtype = source.dtype if plan.dtype == "auto" else getattr(torch, plan.dtype)
-    specs: dict[str, LayerSpec] = plan.resolve(shapes, dtype)
+    if gguf_out:  # GGUF quantizes the token embeddings and the output head too
+        shapes[EMBED] = source.shape(arch.embed)
+        if not cfg.tie_word_embeddings and arch.lm_head in source.names():
+            shapes[HEAD] = source.shape(arch.lm_head)
+    dtype = _float_dtype(source, plan)
+    if imatrix is not None:
+        from qtool.calib.imatrix import read_imatrix
+
+        imatrix_path, imatrix = imatrix, read_imatrix(imatrix)  # a corrupt file is refused before any work
+    mix = _gguf_mix(plan, cfg, arch, shapes, has_importance=bool(imatrix) or plan.needs_calibration) if gguf_out else None
+    specs: dict[str, LayerSpec] = plan.resolve(shapes, dtype, mix=mix)
     if not specs:
         raise UsageError(f"{plan.source}: no rule matches any linear of this model "
                          f"(names look like {next(iter(shapes))})")
-    unquantized = sorted(set(shapes) - set(specs)) + ["lm_head"]
+    unquantized = sorted(set(shapes) - set(specs)) + ([] if gguf_out else ["lm_head"])
     qconfig = out_fmt.config(specs, unquantized, dtype)  # a plan the format cannot hold fails before any work
+    importance = _imatrix_importance(imatrix, specs, n_layers, arch) if imatrix is not None else {}
     inputs = (source.path,) + ((Path(plan.source),) if plan.source != "<flags>" else ())
-    writer = HFWriter(out, force=force, inputs=inputs)  # refuses an existing output or one that is an input
+    if gguf_out:
+        from qtool.engine.sinks import GGUFSink
+
+        sink = GGUFSink(out, source=source, arch=arch, plan=plan, force=force, inputs=inputs,
+                        float_type=str(dtype).removeprefix("torch.").replace("float32", "f32")
+                        .replace("float16", "f16").replace("bfloat16", "bf16"))
+        if imatrix is not None:
+            sink.imatrix = {"file": Path(imatrix_path).name, "dataset": ",".join(imatrix.datasets),
+                            "entries": len(imatrix.means), "chunks": imatrix.chunk_count}
+    else:
+        from qtool.engine.sinks import HFSink
+
+        sink = HFSink(out, out_fmt, force=force, inputs=inputs, dtype=dtype)
     try:
-        manifest = _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, stats)
-        config = cfg.to_dict()
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        config.pop("torch_dtype", None)
-        config["quantization_config"] = qconfig
-        warning = out_fmt.warning(config["quantization_config"])
-        manifest.warnings += [warning] if warning else []
+        manifest = _stream(source, plan, specs, shapes, arch, sink, check, progress, stats, importance)
         if plan.needs_calibration and stats is None and effective(plan.calibration.precision) != plan.calibration.precision:
             manifest.warnings.append(f"calibration.precision {plan.calibration.precision}: this CPU has no bf16 "
                                      "matmul support, the calibration pass ran in fp32")
         manifest.warnings += sorted({why for s in specs.values()  # a method with a native kernel: why its twin ran
                                      if (slow := getattr(METHODS[s.method], "native_unavailable", None))
                                      for why in [slow(s.codec)] if why})
-        _copy_tokenizer(source, writer)
-        writer.add_file("qtool_plan.yaml", plan.to_yaml())
-        manifest.total_bytes = writer.total_bytes
         manifest.seconds = round(time.perf_counter() - t0, 2)
-        body = manifest.to_json()
-        body.pop("seconds"), body.pop("out")  # keep the artifact byte-identical across runs and paths
-        writer.add_file("qtool_manifest.json", json.dumps(body, indent=2, sort_keys=True) + "\n")
-        writer.finish(config)
+        sink.finish(source=source, plan=plan, manifest=manifest, qconfig=qconfig)
     except BaseException:
-        writer.abort()
+        sink.abort()
         raise
     manifest.out = str(out)
     return manifest
 
 
-def _copy_tokenizer(source: ModelSource, writer: HFWriter) -> None:
-    src_dir = source.path if source.path.is_dir() else None
-    if src_dir is None:
-        source.save_tokenizer(writer.tmp)
-        return
-    for fname in TOKENIZER_FILES:
-        if (src_dir / fname).is_file():
-            writer.add_file(fname, (src_dir / fname).read_bytes())
+def _float_dtype(source: ModelSource, plan: Plan) -> torch.dtype:
+    """The float dtype of unquantized tensors: the plan's, else the source's own width (a quantized GGUF
+    source: bfloat16, which holds every value its blocks decode to within bf16 rounding)."""
+    if plan.dtype != "auto":
+        return getattr(torch, plan.dtype)
+    if plan.output_format == "gguf":  # HF artifacts of a GGUF source still hold float32 (their scales follow it)
+        return getattr(source, "float_dtype", source.dtype)
+    return source.dtype
 
 
-def _quantize_linear(block, prefix, lin, spec, hessian, x, writer, out_fmt, dtype) -> LayerReport:
+def _gguf_mix(plan: Plan, cfg, arch, shapes: dict, has_importance: bool) -> dict:
+    """HF module name -> the `TypeChoice` llama.cpp's named mix gives it (GGUF names in between)."""
+    from qtool.formats.gguf_mixes import mix_types
+    from qtool.io.gguf_model import tensor_namer
+
+    namer = tensor_namer(arch, cfg.num_hidden_layers)
+    gnames = {m: namer(m + ".weight") for m in shapes}
+    n_head = cfg.num_attention_heads
+    types = mix_types(plan.gguf_type, {gnames[m]: s for m, s in shapes.items()}, n_layer=cfg.num_hidden_layers,
+                      n_head=n_head, n_head_kv=getattr(cfg, "num_key_value_heads", None) or n_head,
+                      has_imatrix=has_importance)
+    return {m: types[g] for m, g in gnames.items() if g in types}
+
+
+def _imatrix_importance(imatrix, specs: dict, n_layers: int, arch) -> dict[str, torch.Tensor]:
+    """HF module name -> mean x² per input column, from an importance matrix keyed by GGUF names."""
+    from qtool.io.gguf_model import tensor_namer
+
+    namer = tensor_namer(arch, n_layers)
+    out = {}
+    for module in specs:
+        g = namer(module + ".weight")
+        if g in imatrix.means:
+            out[module] = imatrix.means[g].float()
+    return out
+
+
+def _quantize_linear(block, prefix, lin, spec, hessian, x, sink, out_fmt, importance=None) -> LayerReport:
     """Quantize one linear through its method and codec, write it, and leave its dequantized weight in
     the block so the activations that follow see the quantized model (a linear with int8 activations is
     replaced by the runtime module that quantizes its inputs, `runtime/w8a8.py`, built from the written
@@ -158,19 +196,12 @@ def _quantize_linear(block, prefix, lin, spec, hessian, x, writer, out_fmt, dtyp
     p = block.get_submodule(lin).weight
     module = prefix + lin
     w = _finite(module + ".weight", p.detach())
-    method = METHODS[spec.method]
-    note = spec.note
-    if method.NEEDS:
-        qt, rep = method.quantize(w, spec.codec, hessian, method.params_of(spec))
-        note = "; ".join(filter(None, [note, rep.note]))
-    else:
-        qt = method.quantize(w, spec.codec)
+    if importance is None and hessian is not None:
+        importance = torch.diagonal(hessian).float()
+    qt, note = quantize_weight(w, spec, hessian, importance)
     wq = qt.dequantize()
-    packed = out_fmt.pack(qt, dtype, spec)
-    for key, t in packed.items():
-        writer.add(f"{module}.{key}", t)
-    nbytes = sum(t.numel() * t.element_size() for t in packed.values())  # what the file holds for it
-    report = LayerReport(module, spec.codec.name, nbytes, ((w - wq).norm() / w.norm().clamp_min(1e-12)).item(),
+    packed, nbytes = sink.add_quantized(module, qt, spec)
+    report = LayerReport(module, qt.codec.name, nbytes, ((w - wq).norm() / w.norm().clamp_min(1e-12)).item(),
                          note=note)
     runtime = _runtime_linear(block.get_submodule(lin), spec, packed, out_fmt.name)
     if x is not None:
@@ -183,6 +214,39 @@ def _quantize_linear(block, prefix, lin, spec, hessian, x, writer, out_fmt, dtyp
         parent, _, attr = lin.rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, attr, runtime)
     return report
+
+
+def quantize_weight(w: torch.Tensor, spec: LayerSpec, hessian=None, importance=None) -> tuple[QTensor, str]:
+    """One weight through its method and codec. A GGUF shape fallback with candidates (`LayerSpec.candidates`)
+    keeps the candidate with the least importance-weighted RTN error, then runs the method with it."""
+    method = METHODS[spec.method]
+    codec = spec.codec
+    note = spec.note
+    if spec.candidates:
+        codec, why = _least_error(w, spec, importance)
+        note = "; ".join(filter(None, [note, why]))
+    gguf_codec = hasattr(codec, "ggml_type")
+    if method.NEEDS:
+        qt, rep = method.quantize(w, codec, hessian, method.params_of(spec))
+        note = "; ".join(filter(None, [note, rep.note]))
+    elif gguf_codec:
+        qt = method.quantize(w, codec, importance)  # GGUF codecs weight their search by the importance
+    else:
+        qt = method.quantize(w, codec)
+    return qt, note
+
+
+def _least_error(w: torch.Tensor, spec: LayerSpec, importance) -> tuple:
+    imp = torch.ones(w.shape[1]) if importance is None else importance.float().clamp_min(0)
+    errs = {}
+    for c in spec.candidates:
+        d = w - c.encode(w, importance).dequantize()
+        errs[c] = float((d.square() * imp).sum())
+    best = min(spec.candidates, key=lambda c: (errs[c], c.name))
+    base = errs.get(spec.codec)
+    why = f"chose {best.name.upper()} (error {errs[best]:.4g}" + (
+        f" vs {spec.codec.name.upper()} {base:.4g})" if base is not None and best != spec.codec else ")")
+    return best, why
 
 
 def _runtime_quantizes_inputs(spec: LayerSpec) -> bool:
@@ -213,20 +277,31 @@ def _needs_block_hessian(spec: LayerSpec) -> bool:
     return "awq" in spec.rule.transforms or ("hessian" in m.NEEDS and not m.SEQUENTIAL)
 
 
-def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, stats_file=None) -> Manifest:
+def _stream(source, plan, specs, shapes, arch, sink, check, progress, stats_file=None, importance=None) -> Manifest:
     cfg = source.config
     n_layers = cfg.num_hidden_layers
     out_fmt = OUTPUTS[plan.output_format]
+    importance = importance or {}
+    # GGUF plans with calibration: every codec weights its search by diag(XᵀX) of its inputs (an imatrix)
+    gguf_importance = plan.output_format == "gguf" and plan.needs_calibration and not importance
     skel = skeleton(cfg)
+    reports: list[LayerReport] = []
     embed = _finite(arch.embed, source.get(arch.embed))
-    writer.add(arch.embed, embed.to(dtype))
+    embed_q = embed
+    if EMBED in specs:  # GGUF: the token embeddings are quantized too (no importance: llama.cpp has none for them)
+        qt, note = quantize_weight(embed, specs[EMBED])
+        _, nbytes = sink.add_quantized(EMBED, qt, specs[EMBED])
+        embed_q = qt.dequantize()
+        reports.append(LayerReport(EMBED, qt.codec.name, nbytes, _rel(embed, embed_q), note=note))
+    else:
+        sink.add_float(arch.embed, embed)
     check = check and plan.check_sequences > 0
     inline = plan.needs_calibration and stats_file is None  # collect statistics on a calibration stream
     tokenizer = source.load_tokenizer() if check or inline else None
     if check:
         ids = check_tokens(tokenizer, plan.check_sequences, plan.check_seq_len)
         xf = embed[ids].float()
-        xq = xf.clone()
+        xq = embed_q[ids].float()
         runner = BlockRunner(skel, cfg, plan.check_seq_len)
     xc = None
     if inline:
@@ -234,24 +309,25 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, s
 
         progress("calibrate", 0, 1)
         cids = calibration_tokens(source, plan.calibration, tokenizer)
-        xc = embed[cids].float()  # the calibration stream: quantized blocks' outputs feed the next block
+        xc = embed_q[cids].float()  # the calibration stream: quantized blocks' outputs feed the next block
         crunner = BlockRunner(skel, cfg, plan.calibration.seq_len)
         progress("calibrate", 1, 1)
-    del embed, tokenizer
+    tied_q = embed_q if cfg.tie_word_embeddings and EMBED in specs else None  # the head a tied GGUF model runs
+    del embed, embed_q, tokenizer
     malloc_trim()  # the tokenizer's and the embedding's temporaries: not under the stream's peak
-    reports: list[LayerReport] = []
     transforms: list[TransformReport] = []
     block_err: list[float] = []
     for i in range(n_layers):
         prefix = arch.block_prefix(i)
         block = materialize(skel.get_submodule(prefix.rstrip(".")), prefix, source)
         stats: dict[str, tuple] = {}  # statistics of the float block's inputs (AWQ search and clip)
-        block_wide = [lin for lin in arch.linears if prefix + lin in specs and _uses_block_stats(specs[prefix + lin])]
+        block_wide = [lin for lin in arch.linears if prefix + lin in specs
+                      and (_uses_block_stats(specs[prefix + lin]) or gguf_importance)]
         if stats_file is not None and plan.needs_calibration:
             stats = {lin: (s.hessian, s.abs_mean, s.absmax) for lin in arch.linears if prefix + lin in specs
                      for s in [stats_file.of(prefix + lin)]}
         elif xc is not None and block_wide:
-            need_h = any(_needs_block_hessian(specs[prefix + lin]) for lin in block_wide)
+            need_h = gguf_importance or any(_needs_block_hessian(specs[prefix + lin]) for lin in block_wide)
             stats = block_stats(block, arch, block_wide, lambda b: crunner(block, b), xc.split(8), hessian=need_h,
                                 precision=plan.calibration.precision)
         if stats:  # transforms first: the float block keeps its function, later steps see the result
@@ -266,7 +342,7 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, s
                 h.remove()
         for name, p in block.named_parameters():
             if prefix + name.removesuffix(".weight") not in specs or not name.endswith(".weight"):
-                writer.add(prefix + name, _finite(prefix + name, p.detach()).to(dtype))
+                sink.add_float(prefix + name, _finite(prefix + name, p.detach()))
         w8a8 = any(_runtime_quantizes_inputs(specs[prefix + lin]) for lin in arch.linears if prefix + lin in specs)
         staged = StagedBlock(block, arch, crunner, xc, precision=plan.calibration.precision,
                              keep_bf16=not w8a8) if xc is not None else None
@@ -279,7 +355,7 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, s
                 hessians.update({lin: h for lin in sequential})
             for lin in members:
                 reports.append(_quantize_linear(block, prefix, lin, specs[prefix + lin], hessians.get(lin),
-                                                inputs.get(lin), writer, out_fmt, dtype))
+                                                inputs.get(lin), sink, out_fmt, importance.get(prefix + lin)))
         if staged is not None:
             xc = staged.output()
         if check:
@@ -289,24 +365,46 @@ def _stream(source, plan, specs, shapes, arch, writer, dtype, check, progress, s
         release(block)
         staged = None
         progress("quantize", i + 1, n_layers)
+    norm_w = source.get(arch.final_norm).float()
+    head_q = tied_q
+    if HEAD in specs:  # GGUF: the output head, weighted by the importance of its inputs (the final norm's output)
+        head = _finite(arch.lm_head, source.get(arch.lm_head))
+        imp = importance.get(HEAD)
+        if imp is None and xc is not None:
+            imp = _final_norm(skel, norm_w)(xc).reshape(-1, xc.shape[-1]).square().mean(0)
+        qt, note = quantize_weight(head, specs[HEAD], importance=imp)
+        _, nbytes = sink.add_quantized(HEAD, qt, specs[HEAD])
+        head_q = qt.dequantize()
+        reports.append(LayerReport(HEAD, qt.codec.name, nbytes, _rel(head, head_q), note=note))
+        del head
     xc = None  # the calibration stream is done: free it before the check's logits
-    q_params = sum(shapes[r.name][0] * shapes[r.name][1] for r in reports)
-    q_bytes = sum(r.bytes for r in reports)
-    for name in (arch.final_norm,) + (() if cfg.tie_word_embeddings else (arch.lm_head,)):
+    linears = [r for r in reports if r.name not in (EMBED, HEAD)]
+    q_params = sum(shapes[r.name][0] * shapes[r.name][1] for r in linears)
+    q_bytes = sum(r.bytes for r in linears)
+    for name in (arch.final_norm,) + (() if cfg.tie_word_embeddings or HEAD in specs else (arch.lm_head,)):
         if name in source.names():
-            writer.add(name, _finite(name, source.get(name)).to(dtype))
+            sink.add_float(name, _finite(name, source.get(name)))
     report = None
     if check:
-        norm_w = source.get(arch.final_norm).float()
         head = source.get(arch.embed if cfg.tie_word_embeddings else arch.lm_head).float()
-        norm = skel.model.norm
-        norm.to_empty(device="cpu")
+        norm = _final_norm(skel, norm_w)
         with torch.no_grad():
-            norm.weight.copy_(norm_w)
-            kld, same = logit_kld(norm(xf), norm(xq), head)
+            kld, same = logit_kld(norm(xf), norm(xq), head, head_q)
         report = CheckReport(round(kld, 6), round(same, 3), [round(e, 6) for e in block_err],
                              plan.check_sequences, plan.check_seq_len, plan.warn_kld)
     return Manifest(out="", plan_digest=plan.digest(), output_format=plan.output_format,
                     quantized_params=q_params, quantized_bytes=q_bytes, total_bytes=0,
                     bits_per_weight=round(8 * q_bytes / max(q_params, 1), 4), seconds=0.0,
                     layers=reports, transforms=transforms, check=report)
+
+
+def _rel(w: torch.Tensor, wq: torch.Tensor) -> float:
+    return ((w - wq).norm() / w.norm().clamp_min(1e-12)).item()
+
+
+def _final_norm(skel, weight: torch.Tensor):
+    norm = skel.model.norm
+    norm.to_empty(device="cpu")
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    return norm

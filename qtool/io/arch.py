@@ -6,7 +6,7 @@ which sequential groups, which norm feeds which linears).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,11 @@ class Arch:
     # pre-norm residual layout (engine/staged.py): h = x + attn(norm(x)); out = h + mlp(mlp_norm(h))
     mlp_norm: str = "post_attention_layernorm"
     mlp: str = "mlp"
+    # GGUF facts (formats.md §1.3-1.5): llama.cpp's architecture name (tensor names come from gguf-py's
+    # TensorNameMap for it); whether q/k rows are reordered for ggml's NORM rope (llama only; qwen2/qwen3
+    # use NEOX rope and are written unpermuted)
+    gguf_arch: str = "llama"
+    permute_qk: bool = True
 
     def block_prefix(self, i: int) -> str:
         return self.blocks.format(i=i)
@@ -50,13 +55,18 @@ _LLAMA = Arch(
     ),
 )
 
+_QWEN2 = replace(_LLAMA, gguf_arch="qwen2", permute_qk=False)  # q/k/v biases: block parameters like the norms
+_QWEN3 = replace(_LLAMA, gguf_arch="qwen3", permute_qk=False)  # q/k norms inside attention: block parameters
+
 ARCHS: dict[str, Arch] = {
     "LlamaForCausalLM": _LLAMA,
-    "MistralForCausalLM": _LLAMA,
-    "Qwen2ForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,  # llama.cpp's converter writes Mistral as arch llama
+    "Qwen2ForCausalLM": _QWEN2,
+    "Qwen3ForCausalLM": _QWEN3,
 }
 # configs built from GGUF metadata carry only a model_type
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
 
 
 def arch_of(config) -> Arch:

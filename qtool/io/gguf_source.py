@@ -267,6 +267,17 @@ class GGUFSource:
         """GGUF tensors are dequantized to float32."""
         return torch.float32
 
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The float width unquantized tensors keep in an artifact: the source's own (F16 -> float16, BF16 ->
+        bfloat16, all F32 -> float32); a quantized source -> bfloat16 (its dequantized values need no more)."""
+        types = {q for q, *_ in self._tensors.values() if len(_[0]) > 1}
+        if types <= {GGMLQuantizationType.F32}:
+            return torch.float32
+        if types <= {GGMLQuantizationType.F16, GGMLQuantizationType.F32}:
+            return torch.float16
+        return torch.bfloat16
+
     def names(self) -> list[str]:
         """HF tensor names present in the file, sorted (no lm_head.weight when embeddings are tied)."""
         return sorted(self._tensors)

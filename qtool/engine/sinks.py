@@ -1,0 +1,129 @@
+"""Where the engine's results go: one sink per kind of artifact, behind one protocol.
+
+The engine streams three things into a sink: float parameters (`add_float`), quantized tensors
+(`add_quantized`, which returns what the file holds for it so the engine can report bytes and build run-time
+modules), and at the end the run's manifest (`finish`), which writes the metadata the artifact carries and
+renames it into place; `abort` removes everything. Sinks know their container; the engine knows neither.
+
+* `HFSink`: a Hugging Face directory (`io/hf_writer.py`): packed tensors from the output format's `pack`,
+  config.json with its `quantization_config`, the tokenizer files, the plan and the manifest.
+* `GGUFSink`: one GGUF file (`io/gguf_writer.py`): GGUF names, llama.cpp hyperparameters and tokenizer keys,
+  `general.file_type` naming the mix, and provenance keys (`qtool.*`, and llama.cpp's `quantize.imatrix.*`
+  when an importance matrix was used).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qtool.formats.base import QTensor
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+class HFSink:
+    def __init__(self, out: Path, out_fmt, *, force: bool, inputs: tuple[Path, ...], dtype: torch.dtype):
+        from qtool.io.hf_writer import HFWriter
+
+        self.fmt, self.dtype = out_fmt, dtype
+        self.writer = HFWriter(out, force=force, inputs=inputs)  # refuses an existing output or one that is an input
+
+    def add_float(self, name: str, t: torch.Tensor) -> None:
+        self.writer.add(name, t.to(self.dtype))
+
+    def add_quantized(self, module: str, qt: QTensor, spec) -> tuple[dict[str, torch.Tensor], int]:
+        packed = self.fmt.pack(qt, self.dtype, spec)
+        for key, t in packed.items():
+            self.writer.add(f"{module}.{key}", t)
+        return packed, sum(t.numel() * t.element_size() for t in packed.values())
+
+    def finish(self, *, source, plan, manifest, qconfig: dict) -> None:
+        config = source.config.to_dict()
+        config["dtype"] = str(self.dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+        config["quantization_config"] = qconfig
+        warning = self.fmt.warning(config["quantization_config"])
+        manifest.warnings += [warning] if warning else []
+        self._copy_tokenizer(source)
+        self.writer.add_file("qtool_plan.yaml", plan.to_yaml())
+        manifest.total_bytes = self.writer.total_bytes
+        body = manifest.to_json()
+        body.pop("seconds"), body.pop("out")  # keep the artifact byte-identical across runs and paths
+        self.writer.add_file("qtool_manifest.json", json.dumps(body, indent=2, sort_keys=True) + "\n")
+        self.writer.finish(config)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def _copy_tokenizer(self, source) -> None:
+        src_dir = source.path if source.path.is_dir() else None
+        if src_dir is None:
+            source.save_tokenizer(self.writer.tmp)
+            return
+        for fname in TOKENIZER_FILES:
+            if (src_dir / fname).is_file():
+                self.writer.add_file(fname, (src_dir / fname).read_bytes())
+
+
+class GGUFSink:
+    def __init__(self, out: Path, *, source, arch, plan, force: bool, inputs: tuple[Path, ...], float_type: str):
+        from qtool.io.gguf_model import check_supported, permuted, tensor_namer
+        from qtool.io.gguf_writer import GGUFFileWriter
+
+        cfg = source.config
+        check_supported(cfg, arch)  # before any work
+        self.float_type = float_type
+        self.writer = GGUFFileWriter(out, arch_name=arch.gguf_arch, names=tensor_namer(arch, cfg.num_hidden_layers),
+                                     permute=permuted(arch, cfg), force=force, inputs=inputs)
+        self.arch, self.plan = arch, plan
+        self.imatrix: dict | None = None  # set by the engine when an importance matrix was used
+
+    def add_float(self, name: str, t: torch.Tensor) -> None:
+        self.writer.add(name, t, float_type=self.float_type)
+
+    def add_quantized(self, module: str, qt: QTensor, spec) -> tuple[dict[str, torch.Tensor], int]:
+        return {}, self.writer.add(module + ".weight", qt)
+
+    def finish(self, *, source, plan, manifest, qconfig: dict) -> None:
+        import gguf
+
+        from qtool import __version__
+        from qtool.formats.gguf_mixes import MIXES
+        from qtool.io.gguf_model import write_hparams, write_tokenizer
+
+        cfg = source.config
+        meta = self.writer.meta
+        write_hparams(meta, cfg, self.arch, name=_model_name(source))
+        meta.add_file_type(MIXES[plan.gguf_type][0])
+        meta.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_tokenizer(meta, source, int(cfg.vocab_size))
+        meta.add_string("qtool.version", __version__)
+        meta.add_string("qtool.plan_digest", plan.digest())
+        meta.add_string("qtool.plan", plan.to_yaml())
+        meta.add_string("qtool.mix", plan.gguf_type)
+        if plan.needs_calibration:
+            from qtool.calib.data import source_digest
+
+            meta.add_string("qtool.calibration_digest", source_digest(plan.calibration))
+        if self.imatrix:
+            meta.add_string("quantize.imatrix.file", str(self.imatrix["file"]))
+            meta.add_string("quantize.imatrix.dataset", str(self.imatrix["dataset"]))
+            meta.add_int32("quantize.imatrix.entries_count", int(self.imatrix["entries"]))
+            meta.add_int32("quantize.imatrix.chunks_count", int(self.imatrix["chunks"]))
+        if manifest.check is not None:
+            meta.add_float32("qtool.check_kld", float(manifest.check.kld))
+        manifest.total_bytes = self.writer.total_bytes
+        self.writer.finish()
+        manifest.total_bytes = self.writer.out.stat().st_size  # the whole file: what a budget counts
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _model_name(source) -> str:
+    name = getattr(source.config, "_name_or_path", "") or source.path.name
+    return Path(str(name)).name.removesuffix(".gguf") or "model"
