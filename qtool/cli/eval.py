@@ -41,6 +41,9 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the generated text when no --text is given.")] = 0,
     max_kld: Annotated[Optional[float], max_kld_option("the measured")] = None,
     min_same_top: Annotated[Optional[float], min_same_top_option("the measured")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="For a .gguf MODEL: llama.cpp (the real client; its tools "
+                                         "must be built: make llama-tools), torch (qtool's dequantizer), or auto "
+                                         "(llama.cpp when built).")] = "auto",
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write results as JSON to a file ('-' = stdout).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show details and tracebacks.")] = False,
 ) -> None:
@@ -57,9 +60,15 @@ def evaluate(
         check_json_dest(json_out)
         if text is not None and not text.is_file():
             raise UsageError(f"{text}: evaluation text not found")
+        if runtime not in ("auto", "llama.cpp", "torch"):
+            raise UsageError(f"--runtime {runtime}: allowed: auto, llama.cpp, torch")
         base_src = open_model(base) if base else None  # fail fast on a bad base path
+        use_llama = _use_llama_cpp(model, runtime)
         with err.status(f"loading {escape(model)}"):
-            m, tok, _ = load_model(model)
+            if use_llama:
+                m, tok = None, open_model(model).load_tokenizer()
+            else:
+                m, tok, _ = load_model(model)
         with progress_bar(json_out != "-") as progress:
             if text is not None:
                 body, text_name = text.read_text(), str(text)
@@ -82,10 +91,18 @@ def evaluate(
                     bos_token_id=bos,
                     progress=_counter(progress, "base", n),
                 )
-            result = pp.evaluate(
-                m, tokens, ctx=ctx, n_chunks=n, base=ref, bos_token_id=bos, progress=_counter(progress, "eval", n)
-            )
-        payload = {"model": model, "base": base, "text": text_name, **_artifact_facts(model), **result.to_json()}
+            if use_llama:
+                from qtool.eval import gguf_eval
+
+                progress("llama.cpp", 0, 1)
+                result = gguf_eval.evaluate(Path(model), tokens, ctx=ctx, n_chunks=n, base=ref, bos_token_id=bos)
+                progress("llama.cpp", 1, 1)
+            else:
+                result = pp.evaluate(
+                    m, tokens, ctx=ctx, n_chunks=n, base=ref, bos_token_id=bos, progress=_counter(progress, "eval", n)
+                )
+        payload = {"model": model, "base": base, "text": text_name, **_artifact_facts(model), **result.to_json(),
+                   "runtime": "llama.cpp" if use_llama else "torch"}
         _table(payload, err if json_out == "-" else out)
         if gate.active:
             payload["gate"] = gate.to_json(payload["kld_mean"], payload["same_top_pct"])
@@ -95,6 +112,25 @@ def evaluate(
 
 
 evaluate.__doc__ = "Measure perplexity, and with --base the KL divergence and same-top %, llama-perplexity style.\n" + EXAMPLE
+
+
+def _use_llama_cpp(model: str, runtime: str) -> bool:
+    """A .gguf model runs through llama.cpp when asked (or, with auto, when its tools are built)."""
+    from qtool.errors import UsageError
+    from qtool.eval import gguf_eval
+
+    is_gguf = Path(model).suffix == ".gguf" and Path(model).is_file()
+    if runtime == "llama.cpp" and not is_gguf:
+        raise UsageError(f"--runtime llama.cpp runs .gguf files; {model} is not one")
+    if runtime == "llama.cpp" and not gguf_eval.available():
+        raise UsageError("--runtime llama.cpp: llama.cpp's tools are not built (make llama-tools)")
+    if not is_gguf or runtime == "torch":
+        return False
+    if runtime == "auto" and not gguf_eval.available():
+        err.print("[yellow]note[/]: llama.cpp's tools are not built: evaluating the GGUF through qtool's dequantizer "
+                  "(make llama-tools for the real client)")
+        return False
+    return True
 
 
 def _counter(progress, stage: str, total: int):
@@ -146,7 +182,8 @@ def _table(r: dict, console) -> None:
         row += [_num(r["base_ppl"]), f"{r['kld_mean']:.5f}", f"{r['same_top_pct']:.2f}"]
     t.add_row(*row)
     console.print(t)
-    console.print(escape(f"{r['n_chunks']} chunks x {r['ctx']} tokens, {r['n_tokens_scored']} scored; text: {r['text']}"))
+    console.print(escape(f"{r['n_chunks']} chunks x {r['ctx']} tokens, {r['n_tokens_scored']} scored; text: {r['text']}; "
+                         f"runtime: {r.get('runtime', 'torch')}"))
 
 
 def _num(x: float) -> str:

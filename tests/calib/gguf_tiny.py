@@ -9,29 +9,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
-LLAMA_CPP_VERSION = os.environ.get("QTOOL_LLAMA_CPP_VERSION", "0.3.36")  # keep in step with build_llama_quantize.sh
-BUILD_HINT = "run tests/tools/build_llama_quantize.sh (make install-test does) or set QTOOL_LLAMA_QUANTIZE"
+from qtool.eval.llamacpp import tool
+
+BUILD_HINT = "run tests/tools/build_llama_quantize.sh (make llama-tools / make install-test do), or set " \
+             "QTOOL_LLAMA_CPP_BIN (a directory of llama.cpp tools) or QTOOL_LLAMA_QUANTIZE"
 
 
 def llama_tool(name: str) -> Path | None:
-    """`llama-quantize` from $QTOOL_LLAMA_QUANTIZE (its sibling for other tools), else the build cache, else PATH."""
+    """`llama-quantize` from $QTOOL_LLAMA_QUANTIZE (its sibling for other tools), else qtool.eval.llamacpp.tool:
+    $QTOOL_LLAMA_CPP_BIN, the build cache for this CPU's ISA tag, PATH."""
     explicit = os.environ.get("QTOOL_LLAMA_QUANTIZE")
     if explicit:
         path = Path(explicit) if name == "llama-quantize" else Path(explicit).with_name(name)
         return path if path.is_file() else None
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    path = cache / "qtool" / "llama.cpp" / LLAMA_CPP_VERSION / "bin" / name
-    if path.is_file():
-        return path
-    found = shutil.which(name)
-    return Path(found) if found else None
+    return tool(name)
 
 
 def permute_qk(w: np.ndarray, n_groups: int) -> np.ndarray:
