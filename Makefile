@@ -37,8 +37,9 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test llama-tools
 
-# llama.cpp's llama-quantize/llama-imatrix, the oracles for imatrix files: built from the llama-cpp-python sdist
-# into ~/.cache/qtool (~5 minutes the first time, then a no-op); without them those tests skip, saying why
+# llama.cpp's tools (llama-quantize, -imatrix, -perplexity, -tokenize, -bench): the real client of qtool's GGUF files,
+# built from the llama-cpp-python sdist with this CPU's ISA flags into ~/.cache/qtool/llama.cpp/<version>-<isa>
+# (~15 minutes on 2 cores the first time, then a no-op); without them those tests skip, saying why
 llama-tools: | $(BIN)/python
 	tests/tools/build_llama_quantize.sh $(BIN)/python || echo "warning: llama.cpp tools not built; tests/calib/test_imatrix_llama.py will skip"
 
@@ -52,6 +53,14 @@ test: install-test
 
 bench-real: install-test
 	$(BIN)/python bench/real.py --data $(DATA) --out bench/results
+
+# qtool's GGUF files beside llama-quantize's (imatrix from llama-imatrix), all scored by llama-perplexity
+# (100 WikiText-2 chunks, both bases); resumable: outputs in build/bench-gguf. Quick run:
+# make bench-gguf GGUF_ARGS='--chunks 4 --mixes Q4_K_M --bases shipped --out /tmp/gg'
+GGUF_ARGS ?=
+.PHONY: bench-gguf
+bench-gguf: install llama-tools
+	$(BIN)/python bench/gguf.py --data $(DATA) --out bench/results $(GGUF_ARGS)
 
 # llm-compressor's GPTQ beside qtool's (same calibration token ids, same evaluator): bench/peers.py installs
 # llm-compressor 0.14 into its own venv (~/.cache/qtool/peers-venv), never into .venv. Quick run:
