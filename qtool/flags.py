@@ -246,7 +246,10 @@ def gguf_plan_from_flags(mix: str, method: str | None, f: Flags, base: Plan | No
                 r["method"] = method
             notes.append(f"--method {method} overrides the plan's methods")
     else:
-        body = {"rules": [{"match": ".*", "method": method or "rtn", "codec": "mix"}]}
+        rule = {"match": ".*", "method": method or "rtn", "codec": "mix"}
+        if method == "gptq":  # act-order over blocks fitted on the original weights (static): measured best
+            rule["act_order"] = True
+        body = {"rules": [rule]}
     body.setdefault("output", {}).update({"format": "gguf", "type": key})
     calibrated = importance or any(r.get("method") == "gptq" for r in body["rules"]) or (base and base.needs_calibration)
     if calibrated:

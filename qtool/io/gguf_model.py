@@ -88,7 +88,7 @@ def write_hparams(meta: gguf.GGUFWriter, cfg, arch: Arch, name: str) -> None:
     meta.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     meta.add_rope_freq_base(_rope_theta(cfg))
     meta.add_rope_dimension_count(int(head_dim))
-    if head_dim != cfg.hidden_size // n_head:
+    if head_dim != cfg.hidden_size // n_head or arch.gguf_arch == "qwen3":  # qwen3 readers default head_dim to 128
         meta.add_key_length(int(head_dim))
         meta.add_value_length(int(head_dim))
     meta.add_vocab_size(int(cfg.vocab_size))

@@ -30,7 +30,7 @@ from gguf.quants import dequantize
 
 from qtool.errors import ModelError
 
-SUPPORTED_ARCHS = ("llama", "qwen2")  # Mistral is written as arch llama by llama.cpp's converter
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")  # Mistral is written as arch llama by llama.cpp's converter
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
            10: "<Q", 11: "<q", 12: "<d"}  # GGUF metadata value type -> struct format
 _STRING, _ARRAY = 8, 9
@@ -41,6 +41,7 @@ _BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",  # qwen3
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _SKIPPED = {"rope_freqs.weight"}  # llama3 rope factors: HF derives them from the config
@@ -251,9 +252,13 @@ class GGUFSource:
 
         def build():
             try:
-                return AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+                cfg = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
             except Exception as e:  # noqa: BLE001 - any loader failure is a bad model to the user
                 raise ModelError(f"{self.path}: transformers cannot build a config: {e}") from None
+            head_dim = self.metadata.get(f"{self.arch}.attention.key_length")
+            if head_dim and getattr(cfg, "head_dim", None) != head_dim:  # transformers' qwen3 reader ignores it
+                cfg.head_dim = int(head_dim)
+            return cfg
 
         def load(d):
             cfg = AutoConfig.from_pretrained(str(d))
