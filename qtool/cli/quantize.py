@@ -140,8 +140,8 @@ def quantize(
 
         if method is not None and method not in METHOD_NAMES:
             raise UsageError(f"--method {method}: unknown; allowed: {', '.join(METHOD_NAMES)}")
-        if fmt is not None and fmt not in FORMAT_NAMES:
-            raise UsageError(f"--format {fmt}: unknown; allowed: {', '.join(FORMAT_NAMES)}")
+        if fmt is not None and fmt not in FORMAT_NAMES + ("gguf",):
+            raise UsageError(f"--format {fmt}: unknown; allowed: {', '.join(FORMAT_NAMES + ('gguf',))}")
         if device not in ("auto", "cpu"):
             raise UsageError(f"--device {device}: qtool's engine runs on the CPU in this version; allowed: auto, cpu")
         if out is None and not print_plan:
@@ -170,7 +170,17 @@ def quantize(
             source.config  # GGUF metadata is parsed here (seconds for a large vocabulary)
         notes: list[str] = []
         the_plan = base
-        if flags.given() or base is None:
+        if fmt == "gguf":  # the GGUF plan of convert-gguf: llama.cpp's mix (the plan's, else Q4_K_M) for every tensor
+            from qtool.flags import gguf_plan_from_flags
+
+            if bits is not None or group_size is not None or sym is not None:
+                raise UsageError("--bits/--group-size/--sym do not apply to --format gguf (ggml types fix them); "
+                                 "use `qtool convert-gguf --type`")
+            fp = gguf_plan_from_flags(base.gguf_type if base is not None else "Q4_K_M",
+                                      method if method in (None, "rtn", "gptq") else method, flags, base=base,
+                                      importance=calib is not None)
+            the_plan, notes = fp.plan, fp.notes
+        elif flags.given() or base is None:
             fp = plan_from_flags(flags, widths=_input_widths(source), base=base)
             the_plan, notes = fp.plan, fp.notes
             if base is not None:

@@ -9,3 +9,5 @@ from qtool.methods import awq, gptq, hqq, rtn, smoothquant
 
 METHODS = {"rtn": rtn, "gptq": gptq, "awq": awq, "hqq": hqq}
 TRANSFORM_ONLY = {"smoothquant": smoothquant}
+# files that are a part of one method, not a method: `<method>_<part>.py` -> the method they serve
+PARTS = {"gptq_blocks": "gptq"}  # GPTQ's sweep through the GGUF block grids

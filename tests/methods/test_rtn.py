@@ -33,5 +33,6 @@ def test_registry_names_match_files():
     import qtool.methods as pkg
 
     files = {p.stem for p in Path(pkg.__file__).parent.glob("*.py") if p.stem != "__init__"}
-    assert set(METHODS) | set(pkg.TRANSFORM_ONLY) == files  # registry key = file name, one method per file
+    assert set(METHODS) | set(pkg.TRANSFORM_ONLY) | set(pkg.PARTS) == files  # registry key = file name, one method per file
+    assert all(part.startswith(m + "_") and m in METHODS for part, m in pkg.PARTS.items())
     assert METHODS["rtn"].NEEDS == ()
