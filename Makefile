@@ -60,7 +60,7 @@ bench-real: install-test
 GGUF_ARGS ?=
 .PHONY: bench-gguf
 bench-gguf: install llama-tools
-	$(BIN)/python bench/gguf.py --data $(DATA) --out bench/results $(GGUF_ARGS)
+	$(BIN)/python bench/bench_gguf.py --data $(DATA) --out bench/results $(GGUF_ARGS)
 
 # llm-compressor's GPTQ beside qtool's (same calibration token ids, same evaluator): bench/peers.py installs
 # llm-compressor 0.14 into its own venv (~/.cache/qtool/peers-venv), never into .venv. Quick run:

@@ -262,5 +262,6 @@ def _summary(m, verbose: bool, console) -> None:
     for col in ("layer", "codec", "output rel err" if m.check else "weight rel err"):
         w.add_column(col)
     for r in m.worst_layers(len(m.layers) if verbose else 5):
-        w.add_row(r.name, r.codec, f"{(r.output_rel_err if m.check else r.weight_rel_err):.4f}")
+        err = r.output_rel_err if m.check and r.output_rel_err is not None else r.weight_rel_err
+        w.add_row(r.name, r.codec, f"{err:.4f}")
     console.print(w)

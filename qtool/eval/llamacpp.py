@@ -292,19 +292,23 @@ def tokenize(model_gguf: Path | str, text: str, add_bos: bool = False, parse_spe
     """Token ids of `text` under the GGUF's own tokenizer (`llama-tokenize -f FILE --ids --no-escape [--no-bos]`).
 
     The text is passed byte-exact through a file. `add_bos=True` adds BOS only where the GGUF asks for it
-    (tokenizer.ggml.add_bos_token), like llama.cpp itself. `parse_special=True` needs a llama-tokenize with
-    --parse-special (0.3.36's has none: special-token text is then tokenized as plain text) and is refused otherwise.
+    (tokenizer.ggml.add_bos_token), like llama.cpp itself. `parse_special`: special-token text (``<|endoftext|>``)
+    becomes the special token; otherwise it is tokenized as plain text. llama-tokenize 0.3.36 parses special
+    tokens by default and turns that off with --no-parse-special; a build with --parse-special instead is handled.
     """
     exe = require("llama-tokenize")
     _gguf_meta(Path(model_gguf))
     args = [exe, "-m", model_gguf, "--ids", "--no-escape"]  # logs go to stderr, the id list to stdout
     if not add_bos:
         args.append("--no-bos")
-    if parse_special:
-        if "--parse-special" not in _help(exe):
-            raise LlamaCppError(f"{exe.name} of llama.cpp {LLAMA_CPP_VERSION} cannot parse special tokens "
-                                f"(no --parse-special option)")
+    flags = _help(exe)
+    if parse_special and "--parse-special" in flags:
         args.append("--parse-special")
+    elif not parse_special and "--no-parse-special" in flags:
+        args.append("--no-parse-special")
+    elif parse_special != ("--no-parse-special" in flags):
+        raise LlamaCppError(f"{exe.name} has neither --parse-special nor --no-parse-special: cannot choose "
+                            f"parse_special={parse_special}")
     with tempfile.TemporaryDirectory(prefix="qtool-tok-") as d:
         f = Path(d) / "text.txt"
         f.write_bytes(text.encode("utf-8"))
