@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from qtool.formats.base import QTensor
-from qtool.formats.gguf_base import GGUFCodec, register
+from qtool.formats.gguf_base import GGUFCodec, register, one_thread
 
 QK_K = 256
 SUB = 32
@@ -585,21 +585,6 @@ def _better_iq4(x: torch.Tensor, om: torch.Tensor | None, cands=_IQ4_CANDS, refi
 # codecs
 
 
-class _one_thread:
-    """Run the chunk loops single-threaded: each op touches one cache-sized chunk, and intra-op threading of
-    such ops costs far more than it gains on a loaded few-core machine (measured: a 128×1024 Q4_K encode took
-    0.2 s on one thread, 27 s on two threads with the cores shared)."""
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        if self.n != 1:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        if self.n != 1:
-            torch.set_num_threads(self.n)
-
-
 @dataclass(frozen=True, eq=False)
 class _SuperBlockCodec(GGUFCodec):
     """Shared driver: chunking over rows, importance broadcasting, params assembly."""
@@ -624,7 +609,7 @@ class _SuperBlockCodec(GGUFCodec):
             if importance.numel() != w.shape[1]:
                 raise ValueError(f"importance has {importance.numel()} entries; the weight has {w.shape[1]} columns")
         enc = self._faithful if faithful else self._better
-        with _one_thread():
+        with one_thread():
             parts = [enc(x, ip) for x, ip in self._chunks(w, importance)]
         fields = {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in parts[0]}
         return self._assemble(tuple(w.shape), fields)

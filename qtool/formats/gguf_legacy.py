@@ -12,7 +12,7 @@ Grid (``value = scale * levels[code] + offset``, one scale/offset per 32-element
 params: ``scale``/``offset`` float32 (rows, cols/32) (the decoded values), ``d`` (and ``m`` for the ``_1``
 types) float16 (rows, cols/32): the raw fields `pack` writes.
 
-Encoders (vectorized over blocks, in chunks of `CHUNK_BLOCKS` blocks, run single-threaded: see `_one_thread`):
+Encoders (vectorized over blocks, in chunks of `CHUNK_BLOCKS` blocks, run single-threaded: see `gguf_base.one_thread`):
 
 * ``faithful=True`` reproduces llama.cpp (`ggml-quants.c`):
   - no importance: the ``quantize_row_*_ref`` reference (bit-exact with ``gguf.quants.quantize`` for
@@ -47,7 +47,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qtool.formats.base import QTensor
-from qtool.formats.gguf_base import GGUFCodec, register
+from qtool.formats.gguf_base import GGUFCodec, register, one_thread
 
 QK = 32
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -71,20 +71,6 @@ def _first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xt = x[tie]
         mx[tie] = xt.gather(-1, xt.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
     return mx.abs(), mx
-
-
-class _one_thread:
-    """Run the block loops single-threaded: the per-chunk ops are small (about 32K elements) and, on a loaded
-    few-core machine, intra-op threading of such ops costs far more than it gains (measured 10-500x)."""
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        if self.n != 1:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        if self.n != 1:
-            torch.set_num_threads(self.n)
 
 
 def _inv(d: torch.Tensor) -> torch.Tensor:
@@ -140,7 +126,7 @@ def _ssum(a: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ weights
 def row_sigma2(w: torch.Tensor) -> torch.Tensor:
     """``sum(x^2)/n_per_row`` per row, accumulated left to right in float32 like llama.cpp."""
-    with _one_thread():
+    with one_thread():
         return _ssum(w.float() * w.float()) / _f(float(w.shape[1]))
 
 
@@ -500,7 +486,7 @@ class LegacyCodec(GGUFCodec):
         d = torch.empty(nblocks, dtype=torch.float16)
         m = torch.zeros(nblocks, dtype=torch.float16) if self.asym else None
         codes = torch.empty(nblocks, QK, dtype=torch.uint8)
-        with _one_thread():
+        with one_thread():
             self._loop(xs, imp, sigma2, nb, faithful, d, m, codes)
         d, m = d.reshape(rows, nb), None if m is None else m.reshape(rows, nb)
         return self._params(d, m), codes.reshape(rows, cols)
