@@ -234,7 +234,7 @@ def _gguf_spec(name: str, index: int, rule: Rule, shape: tuple[int, int], choice
     """A GGUF tensor's spec: the rule's type (or the mix's), with llama.cpp's shape fallback when its rows do not
     fit the type's blocks; then the 32-block types no larger than that fallback are the candidates."""
     from qtool.formats.gguf_base import gguf_codec
-    from qtool.formats.gguf_mixes import FALLBACK_CANDIDATES, _fallback
+    from qtool.formats.gguf_mixes import FALLBACK_CANDIDATES, fallback
 
     if rule.codec == MIX:
         if choice is None:
@@ -242,7 +242,7 @@ def _gguf_spec(name: str, index: int, rule: Rule, shape: tuple[int, int], choice
         wanted = choice.wanted or choice.type
     else:
         wanted = rule.codec
-    fb = _fallback(wanted, shape[-1])
+    fb = fallback(wanted, shape[-1])
     method = rule.method if name not in (EMBED, HEAD) else "rtn"  # no Hessian for the embedding / the head here
     note = "" if method == rule.method else f"{rule.method} -> rtn (embedding/head)"
     if fb.wanted is None:

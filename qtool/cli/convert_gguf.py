@@ -111,7 +111,10 @@ def convert_gguf(
             stats_obj.check(source.digest(), None, where=f"--stats {stats}")
         console = err if json_out == "-" else stdout
         for n in fp.notes:
-            (warn if n.startswith("no calibration text") else lambda m: console.print(f"[cyan]plan[/]: {escape(m)}"))(n)
+            if n.startswith("no calibration text"):
+                warn(n)
+            else:
+                console.print(f"[cyan]plan[/]: {escape(n)}", highlight=False, soft_wrap=True)
         with progress_bar(json_out != "-") as progress:
             manifest = run(source, fp.plan, out, force=force, check=not no_check, progress=progress, stats=stats_obj,
                            imatrix=imatrix)

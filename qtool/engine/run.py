@@ -123,10 +123,10 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
     inputs = (source.path,) + ((Path(plan.source),) if plan.source != "<flags>" else ())
     if gguf_out:
         from qtool.engine.sinks import GGUFSink
+        from qtool.io.gguf_writer import GGUF_FLOAT
 
         sink = GGUFSink(out, source=source, arch=arch, plan=plan, force=force, inputs=inputs,
-                        float_type=str(dtype).removeprefix("torch.").replace("float32", "f32")
-                        .replace("float16", "f16").replace("bfloat16", "bf16"))
+                        float_type=GGUF_FLOAT[dtype])
         if imatrix is not None:
             sink.imatrix = {"file": Path(imatrix_path).name, "dataset": ",".join(imatrix.datasets),
                             "entries": len(imatrix.means), "chunks": imatrix.chunk_count}

@@ -116,7 +116,6 @@ class GGUFSink:
             meta.add_int32("quantize.imatrix.chunks_count", int(self.imatrix["chunks"]))
         if manifest.check is not None:
             meta.add_float32("qtool.check_kld", float(manifest.check.kld))
-        manifest.total_bytes = self.writer.total_bytes
         self.writer.finish()
         manifest.total_bytes = self.writer.out.stat().st_size  # the whole file: what a budget counts
 

@@ -69,7 +69,7 @@ def _block_size(t: str) -> int:
     return TYPE_SIZES[t][0]
 
 
-def _fallback(t: str, cols: int) -> TypeChoice:
+def fallback(t: str, cols: int) -> TypeChoice:
     if cols % _block_size(t) == 0:
         return TypeChoice(t)
     fb = _SHAPE_FALLBACK.get(t, t)
@@ -104,14 +104,14 @@ def mix_types(mix: str, shapes: dict[str, tuple[int, ...]], *, n_layer: int, n_h
                 t = "q8_0"
             elif ftype_default != "q8_0":
                 t = "q6_k"
-            out[name] = _fallback(t, cols)
+            out[name] = fallback(t, cols)
             continue
         if name == "token_embd.weight":
-            out[name] = _fallback(t, cols)
+            out[name] = fallback(t, cols)
             continue
         m = _CATEGORY.match(name)
         if m is None:
-            out[name] = _fallback(t, cols)
+            out[name] = fallback(t, cols)
             continue
         i, kind = int(m.group(1)), m.group(2)
         if kind == "attn_v":  # one attn_v per layer: llama.cpp's i_attention_wv counter is the layer index
@@ -147,7 +147,7 @@ def mix_types(mix: str, shapes: dict[str, tuple[int, ...]], *, n_layer: int, n_h
                 t = "q4_1" if mix == "Q4_0" else "q5_1"
         elif kind == "attn_output":
             t = {"Q2_K": "q3_k", "Q3_K_M": "q4_k", "Q3_K_L": "q5_k"}.get(mix, t)
-        out[name] = _fallback(t, cols)
+        out[name] = fallback(t, cols)
     return out
 
 

@@ -73,8 +73,7 @@ def check_supported(cfg, arch: Arch) -> None:
 
 
 def write_hparams(meta: gguf.GGUFWriter, cfg, arch: Arch, name: str) -> None:
-    """The `{arch}.*` keys llama.cpp's loader reads (UINT32 counts, FLOAT32 floats)."""
-    check_supported(cfg, arch)
+    """The `{arch}.*` keys llama.cpp's loader reads (UINT32 counts, FLOAT32 floats); `check_supported` first."""
     n_head = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head

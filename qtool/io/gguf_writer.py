@@ -28,6 +28,7 @@ from qtool.io.hf_writer import prepare_output
 ALIGNMENT = 32
 _FLOAT_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                 "bf16": gguf.GGMLQuantizationType.BF16}
+GGUF_FLOAT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}  # torch dtype -> GGUF float type
 
 
 def permute_rows(rows: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -61,6 +62,7 @@ class GGUFFileWriter:
         self._spill_path = self.out.parent / f".{self.out.name}.qtool-spill-{os.getpid()}"
         self._spill = open(self._spill_path, "w+b")
         self._tensors: list[tuple[str, list[int], int, int, int]] = []  # gguf name, byte shape, type, offset, n
+        self._names: set[str] = set()
         # metadata goes straight into gguf-py's writer (its add_* helpers type every key as llama.cpp expects);
         # no file is opened before `finish`
         self.meta = gguf.GGUFWriter(None, arch_name)
@@ -70,8 +72,9 @@ class GGUFFileWriter:
     def add(self, name: str, t: torch.Tensor | QTensor, float_type: str = "f32") -> int:
         """Add the HF parameter `name`; returns the bytes it takes in the file (padding excluded)."""
         gname = self._gguf_name(name)
-        if any(e[0] == gname for e in self._tensors):
+        if gname in self._names:
             raise ValueError(f"tensor {gname} ({name}) written twice")
+        self._names.add(gname)
         groups = next((g for suffix, g in self._permute.items() if name.endswith(suffix)), None)
         if isinstance(t, QTensor):
             codec = t.codec
