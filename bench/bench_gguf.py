@@ -7,7 +7,10 @@ For each base (the shipped Q4_1-grid GGUF, and the off-grid copy of bench/real.p
   4. per mix (Q4_K_M, Q3_K_M, Q2_K):
        llama.cpp   `llama-quantize --imatrix` (its per-tensor rules and fixed fallbacks),
        qtool rtn   `convert-gguf --imatrix` (the same importance matrix: encoders like for like),
-       qtool gptq  `convert-gguf --method gptq --calib` (GPTQ through the grids, least-error fallbacks);
+       qtool gptq  `convert-gguf --method gptq --calib` (GPTQ through the grids, least-error fallbacks),
+       qtool awq / awq-gptq (AWQ scales searched on the GGUF grids, then their fit or GPTQ), when asked (--tools),
+       autoround   AutoRound 0.16.1's own GGUF export (`--iters 0`, its importance from the same text; its own
+                   venv: bench/autoround_gguf.py), when asked (--tools);
      each file scored by `llama-perplexity --kl-divergence` (KLD, PPL, same-top %), timed with /usr/bin/time
      (wall seconds, peak RSS).
 Outputs are reused when present in --work (a rerun after a crash continues); results go to
@@ -89,9 +92,17 @@ def main() -> None:
                 elif tool == "qtool-rtn":
                     cmd = qtool + ["convert-gguf", f32, "--type", mix, "--imatrix", imatrix, "--out", out, "--force",
                                    "--no-check"]
-                elif tool == "qtool-gptq":
-                    cmd = qtool + ["convert-gguf", f32, "--type", mix, "--method", "gptq", "--calib", calib, "--out",
-                                   out, "--force", "--no-check"]
+                elif tool in ("qtool-gptq", "qtool-awq", "qtool-awq-gptq"):
+                    cmd = qtool + ["convert-gguf", f32, "--type", mix, "--method", tool.removeprefix("qtool-"), "--calib",
+                                   calib, "--out", out, "--force", "--no-check"]
+                elif tool == "autoround":  # its own venv and HF source (bench/autoround_gguf.py)
+                    hf = work / "hf"
+                    if not (hf / "config.json").is_file():
+                        from peers import float_copy
+
+                        float_copy(hf)
+                    cmd = [sys.executable, ROOT / "bench" / "autoround_gguf.py", "--model", hf, "--mix", mix, "--calib",
+                           calib, "--out", out, "--nsamples", args.calib_chunks]
                 else:
                     raise SystemExit(f"unknown tool {tool}")
                 t = timed(cmd, log)

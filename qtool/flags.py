@@ -31,8 +31,9 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from qtool.errors import UsageError
+from qtool.outputs import HF_FORMATS
 from qtool.plan import CALIBRATED as plan_calibrated
-from qtool.plan import GROUP_SIZES, Plan, parse_plan
+from qtool.plan import GROUP_SIZES, Plan, Rule, parse_plan
 
 PRESETS: dict[str, dict] = {
     "rtn": {"method": "rtn", "codec": "int", "bits": 4, "group_size": 128, "symmetric": False},
@@ -51,14 +52,35 @@ PRESETS: dict[str, dict] = {
                  "activations": "int8", "outlier_threshold": 6.0},
 }
 METHOD_NAMES = tuple(PRESETS)
-FORMAT_NAMES = ("compressed-tensors", "gptq", "gptq_v2", "awq", "bnb")
+FORMAT_NAMES = HF_FORMATS  # compressed-tensors, gptq, gptq_v2, awq, bnb (qtool/outputs)
 CALIBRATED = ("gptq", "awq", "awq-gptq", "smoothquant")
-# which output formats each method's codes can be written in
-FORMATS_OF = {"rtn": ("compressed-tensors", "gptq", "gptq_v2", "awq"), "int8": ("compressed-tensors", "gptq", "gptq_v2"),
-              "nf4": ("bnb",), "fp4": ("bnb",), "gptq": ("compressed-tensors", "gptq", "gptq_v2", "awq"),
-              "awq": ("compressed-tensors", "gptq", "gptq_v2", "awq"),
-              "awq-gptq": ("compressed-tensors", "gptq", "gptq_v2", "awq"), "hqq": ("compressed-tensors",),
-              "smoothquant": ("compressed-tensors",), "llm-int8": ("bnb",)}
+FLAG_OF_FIELD = {"bits": "--bits", "group_size": "--group-size", "symmetric": "--asym"}
+FIXED_BITS = ("int8", "llm-int8", "smoothquant", "nf4", "fp4")  # methods whose bit width is the method
+
+
+def _rule(preset: dict, f: "Flags | None" = None) -> Rule:
+    """The plan rule a preset (with `f`'s --bits/--group-size/--sym applied) stands for."""
+    kw = {k: v for k, v in preset.items() if k in Rule.__dataclass_fields__}
+    chain = preset["method"] if isinstance(preset["method"], list) else [preset["method"]]
+    kw["method"] = chain[-1]
+    kw["transforms"] = tuple(chain[:-1]) + (("awq",) if chain[-1] == "awq" else ())
+    for key, value in (("bits", f and f.bits), ("symmetric", f and f.symmetric),
+                       ("group_size", f and f.group_size and _group(f.group_size))):
+        if value is not None and kw.get("codec", "int") == "int":
+            kw[key] = value
+    if kw.get("group_size") == "channel":
+        kw["group_size"] = 0
+    return Rule(match=".*", **kw)
+
+
+def formats_of(method: str) -> tuple[str, ...]:
+    """The HF output formats that can hold `method`'s codes with some --bits/--group-size/--sym the method takes
+    (the rule those flags give is checked in full); 8-bit methods keep their bits."""
+    from qtool.outputs import output_format
+
+    free = {k for k in FLAG_OF_FIELD if not (k == "bits" and method in FIXED_BITS)}
+    return tuple(n for n in FORMAT_NAMES
+                 if all(field in free for field, _ in output_format(n).refusals(_rule(PRESETS[method]))))
 
 
 @dataclass(frozen=True)
@@ -118,19 +140,21 @@ def _check_combination(f: Flags) -> None:
         raise UsageError("--asym with --method smoothquant: W8A8 int kernels take symmetric weights; drop --asym")
     if m == "hqq" and f.symmetric:
         raise UsageError("--sym with --method hqq: HQQ optimises a float zero point (asymmetric); drop --sym")
-    if f.format is not None and m is not None and f.format not in FORMATS_OF[m]:
-        raise UsageError(f"--format {f.format} cannot hold --method {m}; allowed: {', '.join(FORMATS_OF[m])}")
-    bits = f.bits or (PRESETS[m].get("bits") if m else None)
-    if f.format == "awq" and bits not in (None, 4):
-        raise UsageError(f"--format awq holds 4-bit codes only; --bits {bits} needs --format compressed-tensors or gptq")
-    if f.format in ("gptq", "gptq_v2", "awq") and f.group_size == "channel":
-        raise UsageError(f"--group-size channel with --format {f.format}: qtool writes {f.format} with groups; "
-                         "use --format compressed-tensors")
-    if f.format == "gptq" and f.symmetric is False:
-        raise UsageError("--asym with --format gptq: v1 files cannot hold asymmetric zero points of 0; "
-                         "use --format gptq_v2 (gptqmodel) or --sym")
-    if f.format in ("gptq", "gptq_v2") and bits not in (None, 2, 3, 4, 8):
-        raise UsageError(f"--format {f.format} holds 2/3/4/8-bit codes; --bits {bits} is not one of them")
+    if f.format is not None and m is not None:  # what a format holds is written once: qtool/outputs/<format>.py
+        from qtool.outputs import output_format
+
+        allowed = formats_of(m)
+        if f.format not in allowed:
+            raise UsageError(f"--format {f.format} cannot hold --method {m}; allowed: {', '.join(allowed)}")
+        why = output_format(f.format).refuse(_rule(PRESETS[m], f))
+        # a v1 GPTQ file takes symmetric codes: without --asym the flags switch to --sym (plan_from_flags)
+        if why is not None and (why[0] != "symmetric" or f.symmetric is False):
+            given = {"bits": f.bits, "group_size": f.group_size, "symmetric": f.symmetric}.get(why[0])
+            flag = "" if given is None else (f" {FLAG_OF_FIELD[why[0]]}" if why[0] == "symmetric"
+                                             else f" {FLAG_OF_FIELD[why[0]]} {given}")
+            raise UsageError(f"--format {f.format} with --method {m}{flag}: {why[1]}"
+                             + ("" if given is not None or why[0] not in FLAG_OF_FIELD
+                                else f" (set {FLAG_OF_FIELD[why[0]]})"))
     if f.calib is not None and m is not None and m not in CALIBRATED:
         raise UsageError(f"--calib with --method {m}: {m} uses no calibration data; "
                          f"methods that do: {', '.join(CALIBRATED)}")
@@ -224,7 +248,7 @@ def plan_from_flags(f: Flags, widths: list[int] | None = None, base: Plan | None
     return FlagPlan(plan, plan.to_yaml(), notes)
 
 
-GGUF_METHODS = ("rtn", "gptq")
+GGUF_METHODS = ("rtn", "gptq", "awq", "awq-gptq")  # methods that round through GGUF block grids
 
 
 def gguf_plan_from_flags(mix: str, method: str | None, f: Flags, base: Plan | None = None,
@@ -239,19 +263,21 @@ def gguf_plan_from_flags(mix: str, method: str | None, f: Flags, base: Plan | No
     if method is not None and method not in GGUF_METHODS:
         raise UsageError(f"--method {method} cannot write GGUF in this version; allowed: {', '.join(GGUF_METHODS)}")
     notes: list[str] = []
+    chain = {"awq-gptq": ["awq", "gptq"]}.get(method or "rtn", method or "rtn")
     if base is not None:
         body = yaml.safe_load(base.to_yaml())
         if method is not None:
             for r in body["rules"]:
-                r["method"] = method
+                r["method"] = chain
             notes.append(f"--method {method} overrides the plan's methods")
     else:
-        rule = {"match": ".*", "method": method or "rtn", "codec": "mix"}
-        if method == "gptq":  # act-order over blocks fitted on the original weights (static): measured best
+        rule = {"match": ".*", "method": chain, "codec": "mix"}
+        if method in ("gptq", "awq-gptq"):  # act-order over blocks fitted on the original weights (static): measured best
             rule["act_order"] = True
         body = {"rules": [rule]}
     body.setdefault("output", {}).update({"format": "gguf", "type": key})
-    calibrated = importance or any(r.get("method") == "gptq" for r in body["rules"]) or (base and base.needs_calibration)
+    calibrated = importance or method in CALIBRATED or any(r.get("method") == "gptq" for r in body["rules"]) or (
+        base and base.needs_calibration)
     if calibrated:
         cal = dict(body.get("calibration") or {"source": "generated", "samples": 128, "seq_len": 512, "seed": 0})
         for k, value in (("source", f.calib), ("samples", f.samples), ("seq_len", f.seq_len), ("seed", f.seed),

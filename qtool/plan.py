@@ -39,6 +39,7 @@ import yaml
 from qtool.calib.precision import DEFAULT as DEFAULT_PRECISION, PRECISIONS
 from qtool.errors import IndivisibleError, PlanError
 from qtool.formats.base import Codec
+from qtool.outputs import OUTPUT_FORMATS, output_format
 
 METHODS = ("rtn", "gptq", "awq", "hqq")  # weight methods: the last step of a rule
 TRANSFORMS = ("awq", "smoothquant")  # float rewrites applied before the weight method (`method: [awq, gptq]`)
@@ -53,15 +54,10 @@ INT_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, 256)
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 ON_INDIVISIBLE = ("error", "fallback-per-channel", "fallback-group-64")
-FORMATS = ("compressed-tensors", "bnb", "gptq", "gptq_v2", "awq", "gguf")
+FORMATS = tuple(OUTPUT_FORMATS)  # one object per format: qtool/outputs/<format>.py
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FORMAT_OF_CODEC = {"int": "compressed-tensors", "nf4": "bnb", "fp4": "bnb", **{t: "gguf" for t in GGUF_TYPES + (MIX,)}}
-FP16_SCALE_FORMATS = ("gptq", "gptq_v2", "awq")
-G_IDX_FORMATS = ("gptq", "gptq_v2")  # compressed-tensors 0.20 removed actorder 'group'; AWQ has no g_idx
-# which codecs each output format can hold (int codecs: bits allowed in that format)
-FORMAT_CODECS = {"compressed-tensors": {"int": INT_BITS}, "bnb": {"nf4": (), "fp4": (), "int": (8,)},
-                 "gptq": {"int": (2, 3, 4, 8)}, "gptq_v2": {"int": (2, 3, 4, 8)}, "awq": {"int": (4,)},
-                 "gguf": {t: () for t in GGUF_TYPES + (MIX,)}}
+# what each output format holds (codecs, bits, symmetry, fp16 scales, g_idx ...): qtool/outputs/<format>.py
 # modules outside the decoder blocks that GGUF plans quantize (rules may name them; HF formats keep them float)
 EMBED, HEAD = "model.embed_tokens", "lm_head"
 
@@ -194,7 +190,7 @@ class Plan:
         A GGUF type that does not fit a tensor's rows takes llama.cpp's fallback and records the candidates
         no larger than it (`LayerSpec.candidates`): the engine keeps the one with the least error.
         """
-        if self.output_format in FP16_SCALE_FORMATS:
+        if output_format(self.output_format).fp16_scales:
             import torch
 
             dtype = torch.float16  # these formats store fp16 scales: fit on the grid the file holds
@@ -375,11 +371,12 @@ def _rule(n: _Node) -> Rule:
     if "group_size" in f:
         g = f["group_size"].scalar()
         kw["group_size"] = 0 if g in ("channel", -1) else f["group_size"].choice(GROUP_SIZES + ("channel",))
-    if kw.get("method", "rtn") not in ("rtn", "gptq" if gguf_codec else "rtn") and codec != "int":
-        raise f["method"].error(f"{kw['method']} quantizes through int codecs{' (and gptq through GGUF types)' if gguf_codec else ''}; "
+    if kw.get("method", "rtn") not in (("rtn", "gptq", "awq") if gguf_codec else ("rtn",)) and codec != "int":
+        raise f["method"].error(f"{kw['method']} quantizes through int codecs{' (and gptq/awq through GGUF types)' if gguf_codec else ''}; "
                                 f"codec {codec!r} is not supported")
-    if kw.get("transforms") and codec != "int":
-        raise f["method"].error(f"{kw['transforms'][0]} scaling is searched on int grids; codec {codec!r} is not supported")
+    if any(t != "awq" or not gguf_codec for t in kw.get("transforms", ())) and codec != "int":
+        raise f["method"].error(f"{kw['transforms'][0]} scaling is searched on int grids{' (awq on GGUF types too)' if gguf_codec else ''}; "
+                                f"codec {codec!r} is not supported")
     for key in GPTQ_FIELDS:
         if key in f and kw.get("method") != "gptq":
             raise f[key].error("applies only to method gptq")
@@ -458,53 +455,25 @@ def parse_plan(text: str, where: str = "<plan>") -> Plan:
             kw["gguf_type"] = out["type"].choice(tuple(MIXES))
         if "format" in out:
             kw["output_format"] = out["format"].choice(FORMATS)
-            fmt, allowed = kw["output_format"], FORMAT_CODECS[kw["output_format"]]
-            for r in rules:
-                if r.codec not in allowed:
-                    raise out["format"].error(f"codec {r.codec!r} cannot be written as {fmt!r}; "
-                                              f"it needs {FORMAT_OF_CODEC[r.codec]!r}")
-                if r.codec == "int" and r.bits not in allowed["int"]:
-                    raise out["format"].error(f"{fmt!r} holds int codes of {', '.join(map(str, allowed['int']))} "
-                                              f"bits; a rule asks for {r.bits}")
-                if fmt in ("gptq", "gptq_v2", "awq") and r.group_size == 0:
-                    raise out["format"].error(f"{fmt!r} needs a group size (per-channel is not written by qtool)")
-                if fmt == "gptq" and r.codec == "int" and not r.symmetric:
-                    raise out["format"].error("'gptq' (v1) stores zero-1 and cannot hold asymmetric zero points of 0; "
-                                              "use format gptq_v2, or `symmetric: true` in the rules")
-                if fmt == "bnb" and r.codec == "int" and (r.group_size != 0 or not r.symmetric
-                                                          or r.activations != "int8"):
-                    raise out["format"].error("bitsandbytes int8 (LLM.int8) holds 8-bit symmetric per-channel weights "
-                                              "and always runs int8 activations: use `group_size: channel`, "
-                                              "`symmetric: true`, `activations: int8`")
-                if r.activations != "none" and fmt not in ("compressed-tensors", "bnb"):
-                    raise out["format"].error(f"{fmt!r} has no activation scheme; int8 activations are written as "
-                                              "compressed-tensors (W8A8) or bnb (LLM.int8)")
-                if r.outlier_threshold > 0 and fmt != "bnb":
-                    raise out["format"].error(f"{fmt!r} cannot hold an outlier threshold; LLM.int8 artifacts are "
-                                              "bitsandbytes int8: `output: {format: bnb}`")
-                if r.method == "hqq" and fmt != "compressed-tensors":
-                    raise out["format"].error(f"hqq's float zero points cannot be written as {fmt!r}; "
-                                              "allowed: compressed-tensors")
         if "dtype" in out:
             kw["dtype"] = out["dtype"].choice(DTYPES)
         if "type" in out and kw.get("output_format", formats and next(iter(formats))) != "gguf":
             raise out["type"].error("names a GGUF mix (Q4_K_M, ...): it applies to `format: gguf` only")
-    if "output_format" not in kw:
+    explicit = "output_format" in kw
+    if not explicit:
         if len(formats) > 1:
             raise top["rules"].error("rules mix compressed-tensors (int codecs) with bitsandbytes (nf4/fp4, or "
                                      "int8 with an outlier_threshold); one artifact holds one format")
         kw["output_format"] = formats.pop()
-        if kw["output_format"] == "bnb":
-            for r in rules:
-                if r.codec == "int" and (r.group_size != 0 or not r.symmetric or r.bits != 8):
-                    raise top["rules"].error("LLM.int8 (outlier_threshold) runs 8-bit symmetric per-channel weights: "
-                                             "use `bits: 8`, `group_size: channel`, `symmetric: true`")
-    for node, r in zip(rule_nodes, rules):
-        if r.act_order == "dynamic" and kw["output_format"] not in G_IDX_FORMATS:
-            raise node.mapping(RULE_FIELDS)["act_order"].error(
-                f"dynamic act-order groups are written with a g_idx, which output format {kw['output_format']!r} "
-                "cannot hold (compressed-tensors 0.20 removed actorder 'group'; AWQ has none): use "
-                "`output: {format: gptq_v2}` (or gptq), or `act_order: true` for static groups")
+    fmt = output_format(kw["output_format"])
+    for node, r in zip(rule_nodes, rules):  # what the format holds is written once: qtool/outputs/<format>.py
+        why = fmt.refuse(r)
+        if why is None:
+            continue
+        field, msg = why
+        if field == "act_order":
+            raise node.mapping(RULE_FIELDS)["act_order"].error(msg)
+        raise (top["output"].mapping(("format", "dtype", "type"))["format"] if explicit else top["rules"]).error(msg)
     if "check" in top:
         chk = top["check"].mapping(("sequences", "seq_len", "warn_kld"))
         if "sequences" in chk:

@@ -58,7 +58,7 @@ GPTQ = GOOD.replace("codec: int", "codec: int\n    method: gptq")
         (GOOD.replace("bits: 4", "bits: 8").replace("group_size: 64", "group_size: channel")
          + "    activations: int8\n    outlier_threshold: 6.0\noutput: {format: compressed-tensors}\n", 8,
          "'compressed-tensors' cannot hold an outlier threshold"),
-        (GOOD + "    activations: int8\n    outlier_threshold: 6.0\n", 2, "rules: LLM.int8 (outlier_threshold) runs 8-bit"),
+        (GOOD + "    activations: int8\n    outlier_threshold: 6.0\n", 2, "rules: 'bnb' holds int codes of 8 bits; a rule asks for 4"),
         (GOOD.replace("bits: 4", "bits: 8") + "    activations: int8\noutput: {format: bnb}\n", 7,
          "bitsandbytes int8 (LLM.int8) holds 8-bit symmetric per-channel weights"),
         (GOOD.replace("codec: int", "codec: int\n    method: [smoothquant, rtn]") + "    alpha: 1.5\n", 7,

@@ -19,6 +19,7 @@ EXAMPLE = """
   qtool convert-gguf smollm2-135m --type Q4_K_M --calib text.txt --out q.gguf      # imatrix-weighted RTN
   qtool convert-gguf smollm2-135m --type Q3_K_M --imatrix imatrix.gguf --out q.gguf
   qtool convert-gguf smollm2-135m --type Q4_K_M --method gptq --calib text.txt --out q.gguf
+  qtool convert-gguf smollm2-135m --type Q3_K_M --method awq-gptq --calib text.txt --out q.gguf
   qtool convert-gguf smollm2-135m --plan my-gguf-plan.yaml --out q.gguf
 
 [bold]--type[/]: llama.cpp's named mixes, with its per-tensor rules (attn_v / ffn_down bumps, a Q6_K
@@ -39,8 +40,8 @@ def convert_gguf(
     model: Annotated[str, typer.Argument(help="HF model directory, .gguf file, or the alias smollm2-135m.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .gguf file (written atomically).")] = None,
     gguf_type: Annotated[str, typer.Option("--type", "-t", help="llama.cpp mix, e.g. Q4_K_M (see below).")] = "Q4_K_M",
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="rtn (default) or gptq (GPTQ through the "
-                                                  "GGUF grids; calibrated).")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="rtn (default), gptq (GPTQ through the "
+                                                  "GGUF grids), awq (AWQ scales) or awq-gptq; all but rtn calibrate.")] = None,
     plan: Annotated[Optional[Path], typer.Option("--plan", "-p", help="YAML plan (output.format gguf).")] = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text/JSONL: importance (and GPTQ's "
                                                   "Hessians).", rich_help_panel="Calibration")] = None,
@@ -85,8 +86,9 @@ def convert_gguf(
             raise UsageError(f"--calib {calib}: file not found")
         if imatrix is not None and not imatrix.is_file():
             raise UsageError(f"--imatrix {imatrix}: file not found")
-        if imatrix is not None and method == "gptq":
-            raise UsageError("--imatrix with --method gptq: GPTQ needs full Hessians; use --calib or --stats")
+        if imatrix is not None and method not in (None, "rtn"):
+            raise UsageError(f"--imatrix with --method {method}: it needs the inputs' full XᵀX, which an importance "
+                             "matrix does not hold; use --calib or --stats")
         gate = Gate(max_kld, min_same_top)
         if gate.active and no_check:
             raise UsageError("--max-kld/--min-same-top gate on the self-check; they cannot be used with --no-check")

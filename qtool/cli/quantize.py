@@ -134,14 +134,15 @@ def quantize(
         from qtool.engine.run import run
         from qtool.errors import QualityError, UsageError
         from qtool.eval.gate import Gate
-        from qtool.flags import FORMAT_NAMES, METHOD_NAMES, Flags, plan_from_flags
+        from qtool.flags import METHOD_NAMES, Flags, plan_from_flags
+        from qtool.outputs import OUTPUT_FORMATS
         from qtool.io.source import open_model
         from qtool.plan import load_plan
 
         if method is not None and method not in METHOD_NAMES:
             raise UsageError(f"--method {method}: unknown; allowed: {', '.join(METHOD_NAMES)}")
-        if fmt is not None and fmt not in FORMAT_NAMES + ("gguf",):
-            raise UsageError(f"--format {fmt}: unknown; allowed: {', '.join(FORMAT_NAMES + ('gguf',))}")
+        if fmt is not None and fmt not in OUTPUT_FORMATS:
+            raise UsageError(f"--format {fmt}: unknown; allowed: {', '.join(OUTPUT_FORMATS)}")
         if device not in ("auto", "cpu"):
             raise UsageError(f"--device {device}: qtool's engine runs on the CPU in this version; allowed: auto, cpu")
         if out is None and not print_plan:

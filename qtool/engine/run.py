@@ -19,7 +19,7 @@ import torch
 from qtool.calib.precision import effective
 from qtool.engine.blocks import BlockRunner, malloc_trim, materialize, release, skeleton
 from qtool.engine.check import CheckReport, check_tokens, logit_kld
-from qtool.engine.output import OUTPUTS
+from qtool.outputs import output_format
 from qtool.engine.staged import StagedBlock
 from qtool.engine.transforms import TransformReport, apply_transforms, block_stats
 from qtool.errors import ModelError, UsageError
@@ -91,7 +91,7 @@ def run(source: ModelSource, plan: Plan, out: Path, *, force: bool = False, chec
     except ModelError as e:
         raise ModelError(f"{source.path}: {e}") from None
     n_layers = cfg.num_hidden_layers
-    out_fmt = OUTPUTS[plan.output_format]
+    out_fmt = output_format(plan.output_format)
     gguf_out = plan.output_format == "gguf"
 
     # -- everything that can fail on the user's input fails here, before any work
@@ -203,7 +203,7 @@ def _quantize_linear(block, prefix, lin, spec, hessian, x, sink, out_fmt, import
     packed, nbytes = sink.add_quantized(module, qt, spec)
     report = LayerReport(module, qt.codec.name, nbytes, ((w - wq).norm() / w.norm().clamp_min(1e-12)).item(),
                          note=note)
-    runtime = _runtime_linear(block.get_submodule(lin), spec, packed, out_fmt.name)
+    runtime = _runtime_linear(block.get_submodule(lin), spec, packed, out_fmt)
     if x is not None:
         y = x @ w.T
         yq = x @ wq.T if runtime is None else runtime(x)
@@ -225,11 +225,10 @@ def quantize_weight(w: torch.Tensor, spec: LayerSpec, hessian=None, importance=N
     if spec.candidates:
         codec, why = _least_error(w, spec, importance)
         note = "; ".join(filter(None, [note, why]))
-    gguf_codec = hasattr(codec, "ggml_type")
     if method.NEEDS:
         qt, rep = method.quantize(w, codec, hessian, method.params_of(spec))
         note = "; ".join(filter(None, [note, rep.note]))
-    elif gguf_codec:
+    elif codec.grid_kind == "block":
         qt = method.quantize(w, codec, importance)  # GGUF codecs weight their search by the importance
     else:
         qt = method.quantize(w, codec)
@@ -259,18 +258,11 @@ def _runtime_quantizes_inputs(spec: LayerSpec) -> bool:
     return spec.rule is not None and spec.rule.activations != "none"
 
 
-def _runtime_linear(linear, spec: LayerSpec, packed: dict, fmt: str):
-    """The `Int8ActLinear` a loader builds from `packed` when the rule quantizes inputs, else None."""
+def _runtime_linear(linear, spec: LayerSpec, packed: dict, fmt):
+    """The module a loader builds from `packed` when the rule quantizes inputs (`fmt.int8_runtime`), else None."""
     if not _runtime_quantizes_inputs(spec):
         return None
-    from qtool.runtime.w8a8 import Int8ActLinear
-
-    bias = None if linear.bias is None else linear.bias.detach().clone()
-    if fmt == "bnb":
-        return Int8ActLinear(packed["weight"], packed["SCB"], bias=bias, scheme="bnb",
-                             threshold=spec.rule.outlier_threshold)
-    return Int8ActLinear(packed["weight"], packed["weight_scale"], packed.get("weight_zero_point"), bias=bias,
-                         scheme="ct")
+    return fmt.int8_runtime(packed, None if linear.bias is None else linear.bias.detach().clone(), spec)
 
 
 def _uses_block_stats(spec: LayerSpec) -> bool:
@@ -286,7 +278,7 @@ def _needs_block_hessian(spec: LayerSpec) -> bool:
 def _stream(source, plan, specs, shapes, arch, sink, check, progress, stats_file=None, importance=None) -> Manifest:
     cfg = source.config
     n_layers = cfg.num_hidden_layers
-    out_fmt = OUTPUTS[plan.output_format]
+    out_fmt = output_format(plan.output_format)
     importance = importance or {}
     # GGUF plans with calibration: every codec weights its search by diag(XᵀX) of its inputs (an imatrix)
     gguf_importance = plan.output_format == "gguf" and plan.needs_calibration and not importance

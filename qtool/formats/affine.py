@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -110,6 +111,7 @@ class AffineCodec:
     codes: int8 [out, in].
     """
 
+    grid_kind: ClassVar[str] = "affine"  # formats/base.Codec
     bits: int
     group_size: int
     symmetric: bool

@@ -10,7 +10,7 @@ Shapes: a weight W is (out, in); groups/blocks run along `in` (or along the flat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -40,7 +40,18 @@ class QTensor:
 
 @runtime_checkable
 class Codec(Protocol):
-    """What every codec implements (implementations are frozen dataclasses)."""
+    """What every codec implements (implementations are frozen dataclasses).
+
+    `grid_kind` says which grid a method rounds onto, so methods dispatch on it (never on a codec's class):
+      "affine": b-bit integers with a scale/zero per (row, group) (`formats/affine.py`): AWQ's clip search
+                works on its ranges (`params_from_range`), GPTQ sweeps columns (natively where it can);
+      "table":  codes index a fixed value table scaled per block (NF4/FP4): data-free absmax fits;
+      "block":  GGUF block types (`formats/gguf_base.py`): each block's params are fitted first, weighted by
+                the inputs' importance (llama.cpp's imatrix, which every method hands to `fit`), then GPTQ
+                sweeps through them (`methods/gptq_blocks.py`).
+    """
+
+    grid_kind: ClassVar[str]
 
     @property
     def name(self) -> str:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -110,6 +111,7 @@ class GGUFCodec:
     ``levels`` (the code table as a tuple of ints/floats; empty for the float types).
     """
 
+    grid_kind: ClassVar[str] = "block"  # formats/base.Codec
     name: str
     ggml_type: int
     block_size: int
@@ -137,6 +139,10 @@ class GGUFCodec:
         if shape[-1] % self.block_size:
             raise IndivisibleError(f"{self.name.upper()} needs rows that are a multiple of {self.block_size} "
                                    f"elements; this tensor's rows have {shape[-1]}")
+
+    def group_width(self, cols: int) -> int:
+        """Columns sharing one decoded scale/offset (AWQ normalises weight magnitudes per such group)."""
+        return self.sub_block if self.levels else cols
 
     def row_bytes(self, cols: int) -> int:
         return cols // self.block_size * self.type_size

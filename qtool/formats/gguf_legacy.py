@@ -40,6 +40,8 @@ Encoders (vectorized over blocks, in chunks of `CHUNK_BLOCKS` blocks, run single
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +59,13 @@ CHUNK_BLOCKS = 1000  # blocks per chunk: (32, 1000) float32 temporaries (125 KiB
 
 
 def _f(v: float) -> torch.Tensor:
-    """A float32 scalar tensor: every constant enters the float32 arithmetic as C's float would."""
+    """A float32 scalar tensor: every constant enters the float32 arithmetic as C's float would (cached: callers
+    never write into it; keyed on the sign too, since -0.0 == 0.0 as a dict key)."""
+    return _const(float(v), math.copysign(1.0, v) < 0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _const(v: float, negative: bool) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32)
 
 

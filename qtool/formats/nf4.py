@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -122,6 +123,8 @@ class NF4Codec:
     returns ``absmax`` (the exact block absmax the codes are scaled by, as in bnb; it is not stored on disk).
     codes: uint8 [numel], values 0..15, in flattened row-major order (no padding element).
     """
+
+    grid_kind: ClassVar[str] = "table"  # formats/base.Codec
 
     kind: str = "nf4"
     block_size: int = 64

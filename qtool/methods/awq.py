@@ -39,6 +39,10 @@ class AWQParams:
     clip: bool = True  # weight step: search a per-group clip factor
     clip_grid: int = 20
     clip_min: float = 0.5  # smallest range factor tried
+    # GGUF block types fit each block by a search ~50x costlier per element than an int grid's min/max: the scale
+    # search scores them on this many evenly spaced rows of each linear (rows are encoded independently, so a
+    # sample estimates the whole linear's error); int grids use every row
+    block_search_rows: int = 256
 
 
 @dataclass(frozen=True)
@@ -91,18 +95,19 @@ def search_scale(weights: list[torch.Tensor], codecs: list, h: torch.Tensor, x_a
     h = h.float()
     ws = [w.float() for w in weights]
     gw = min(c.group_width(ws[0].shape[1]) for c in codecs)
+    w_mag = weight_magnitude(ws, gw)
+    ws = [_sample_rows(w, params.block_search_rows) if c.grid_kind == "block" else w for w, c in zip(ws, codecs)]
 
     def loss(s: torch.Tensor) -> float:
         total = 0.0
-        for w, c in zip(ws, codecs):
-            wq = c.encode(w * s).dequantize() / s
+        for w, c in zip(ws, codecs):  # the scaled linear's inputs are x / s: its importance is diag(H) / s²
+            wq = c.encode(w * s, _importance(c, h, s)).dequantize() / s
             total += output_error(w - wq, h).item()
         return total
 
     ident = torch.ones(ws[0].shape[1])
     best_loss = loss_identity = loss(ident)
     best, best_alpha = ident, None
-    w_mag = weight_magnitude(ws, gw)
     for k in range(params.grid):
         alpha = k / params.grid
         s = candidate_scales(x_abs_mean, w_mag, alpha, params.duo_scaling)
@@ -110,6 +115,22 @@ def search_scale(weights: list[torch.Tensor], codecs: list, h: torch.Tensor, x_a
         if val < best_loss:
             best_loss, best, best_alpha = val, s, alpha
     return ScaleResult(best, best_alpha, loss_identity, best_loss)
+
+
+def _sample_rows(w: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` evenly spaced rows of `w` (all rows when it has no more)."""
+    if w.shape[0] <= n:
+        return w
+    return w[torch.linspace(0, w.shape[0] - 1, n).round().long()]
+
+
+def _importance(codec, h: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor | None:
+    """What `codec.fit` weighs its search by: diag(H) of its (scaled) inputs for GGUF block types, whose
+    searches take llama.cpp's imatrix; None for the others (their data-free fits, as shipped)."""
+    if codec.grid_kind != "block":
+        return None
+    d = torch.diagonal(h).float().clamp_min(0)
+    return d if s is None else d / s.square()
 
 
 def _group_blocks(h: torch.Tensor, gw: int) -> torch.Tensor:
@@ -151,11 +172,11 @@ def search_clip(w: torch.Tensor, codec, h: torch.Tensor, params: AWQParams = AWQ
 def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: AWQParams = AWQParams()) -> tuple[QTensor, "AWQReport"]:
     """AWQ's weight step on an (already scaled) weight: clip search under the output error, then rounding."""
     w = w.float()
-    if params.clip and hasattr(codec, "params_from_range"):
+    if params.clip and codec.grid_kind == "affine":
         p = search_clip(w, codec, hessian, params)
         qt = QTensor(codec, (int(w.shape[0]), int(w.shape[1])), codec.quantize(w, p), p)
-    else:
-        qt = codec.encode(w)
+    else:  # GGUF block types search their own ranges, weighted by the inputs' importance (formats/base.Codec)
+        qt = codec.encode(w, _importance(codec, hessian))
     return qt, AWQReport()
 
 

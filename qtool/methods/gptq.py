@@ -117,7 +117,7 @@ def quantize(w: torch.Tensor, codec, hessian: torch.Tensor, params: GPTQParams =
     `codec` must offer `fit`, `group_width(in)`, `column_params(params, in)`, `quantize_columns` and
     `dequantize_columns` (see `formats/affine.py`).
     """
-    if hasattr(codec, "ggml_type"):  # a GGUF block type: the sweep through its grid (methods/gptq_blocks.py)
+    if codec.grid_kind == "block":  # a GGUF block type: the sweep through its grid (methods/gptq_blocks.py)
         if not codec.levels:  # F16/BF16/F32: nothing to round onto
             return codec.encode(w), GPTQReport(damp_used=params.damp, dead_columns=0, requested_damp=params.damp)
         from qtool.methods import gptq_blocks
@@ -218,7 +218,7 @@ _SDT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 def _grid(codec):
     """The codec's integer column grid (`AffineCodec.column_grid`), None when it has none."""
-    if hasattr(codec, "ggml_type"):  # GGUF block types sweep in torch (methods/gptq_blocks.py)
+    if codec.grid_kind == "block":  # GGUF block types sweep in torch (methods/gptq_blocks.py)
         return None
     return getattr(codec, "column_grid", lambda: None)()
 

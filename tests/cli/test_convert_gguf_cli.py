@@ -30,12 +30,15 @@ def test_print_plan_is_the_mix():
     g = _plan("--method", "gptq", "--samples", "16")
     assert g["rules"][0]["method"] == "gptq" and g["rules"][0]["act_order"] is True
     assert g["calibration"]["samples"] == 16
+    a = _plan("--method", "awq-gptq")
+    assert a["rules"][0]["method"] == ["awq", "gptq"] and a["rules"][0]["act_order"] is True
+    assert a["calibration"]["source"] == "generated"
 
 
 @pytest.mark.parametrize("args, msg", [
     (["--type", "Q4_K_X", "--out", "x.gguf"], "known: Q4_0"),
     (["--out", "x.safetensors"], "ends in .gguf"),
-    (["--method", "awq", "--out", "x.gguf"], "allowed: rtn, gptq"),
+    (["--method", "hqq", "--out", "x.gguf"], "allowed: rtn, gptq, awq, awq-gptq"),
     (["--imatrix", "missing.gguf", "--out", "x.gguf"], "file not found"),
     (["--calib", "a.txt", "--stats", "s", "--out", "x.gguf"], "pass one of them"),
     ([], "--out FILE.gguf is required"),
@@ -45,6 +48,13 @@ def test_usage_errors(tmp_path, args, msg):
     assert r.exit_code == 2, r.output
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_imatrix_cannot_feed_calibrated_methods(tmp_path):
+    (tmp_path / "m.imatrix").write_bytes(b"x")
+    r = runner.invoke(app, ["convert-gguf", "unused", "--method", "awq", "--imatrix", str(tmp_path / "m.imatrix"),
+                            "--out", str(tmp_path / "x.gguf")])
+    assert r.exit_code == 2 and "full XᵀX" in r.stderr and not (tmp_path / "x.gguf").exists()
 
 
 def test_convert_then_eval(tiny_llama, tmp_path):

@@ -198,6 +198,22 @@ def test_gptq_through_the_grids_runs_in_llama_cpp(models, tmp_path):
     assert compare_with_llama(out, ids_for(models["llama"])) < TOL
 
 
+@needs_llama
+def test_awq_gptq_through_the_grids_runs_in_llama_cpp(models, tmp_path):
+    """AWQ's scales (searched on the GGUF grids, folded into the norms and v/up rows) then GPTQ: the file llama.cpp
+    runs is the model qtool reads back, so the folded float tensors were written with the quantized ones."""
+    text = ("rules:\n  - {match: '.*', method: [awq, gptq], codec: mix, act_order: true}\n"
+            "output: {format: gguf, type: Q4_K_M}\n"
+            "calibration: {source: generated, samples: 8, seq_len: 64}\ncheck: {sequences: 2, seq_len: 64}\n")
+    out = tmp_path / "awq.gguf"
+    m = run(open_model(models["llama"]), plan(text), out)
+    scaled = [t for t in m.transforms if t.kind == "awq" and t.linears]
+    assert len(scaled) >= 4 and all(t.gain >= 1.0 for t in scaled)
+    assert any(t.alpha is not None for t in scaled)  # some pair really was rescaled (else this proves nothing)
+    assert m.check.kld < 5
+    assert compare_with_llama(out, ids_for(models["llama"])) < TOL
+
+
 def test_bad_input_leaves_nothing(models, tmp_path):
     from qtool.errors import ModelError, PlanError, UsageError
 

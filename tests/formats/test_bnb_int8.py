@@ -20,7 +20,7 @@ import torch
 from conftest import make_tiny_llama
 from safetensors.torch import load_file, save_file
 
-from qtool.engine.output import OUTPUTS
+from qtool.outputs import OUTPUT_FORMATS as OUTPUTS
 from qtool.engine.run import run
 from qtool.errors import ModelError, UsageError
 from qtool.formats import bnb, bnb_int8

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qtool.engine.output import OUTPUTS
+from qtool.outputs import OUTPUT_FORMATS as OUTPUTS
 from qtool.errors import ModelError, UsageError
 from qtool.formats import compressed_tensors as ct
 from qtool.formats.affine import AffineCodec
@@ -182,8 +182,8 @@ def test_output_groups_by_activation_scheme():
 
 
 def write_artifact(src, dst, text: str) -> None:
-    """What the engine writes for plan `text` (RTN): `OUTPUTS[fmt].pack(q, dtype, spec)` per linear and
-    `OUTPUTS[fmt].config(...)`, assembled into an HF directory."""
+    """What the engine writes for plan `text` (RTN): `output_format(fmt).pack(q, dtype, spec)` per linear and
+    `.config(...)`, assembled into an HF directory."""
     source = open_model(src)
     plan = parse_plan(text)
     out = OUTPUTS[plan.output_format]
