@@ -89,38 +89,81 @@ class GGUFSink:
         return {}, self.writer.add(module + ".weight", qt)
 
     def finish(self, *, source, plan, manifest, qconfig: dict) -> None:
-        import gguf
-
-        from qtool import __version__
-        from qtool.formats.gguf_mixes import MIXES
-        from qtool.io.gguf_model import write_hparams, write_tokenizer
-
-        cfg = source.config
-        meta = self.writer.meta
-        write_hparams(meta, cfg, self.arch, name=_model_name(source))
-        meta.add_file_type(MIXES[plan.gguf_type][0])
-        meta.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_tokenizer(meta, source, int(cfg.vocab_size))
-        meta.add_string("qtool.version", __version__)
-        meta.add_string("qtool.plan_digest", plan.digest())
-        meta.add_string("qtool.plan", plan.to_yaml())
-        meta.add_string("qtool.mix", plan.gguf_type)
-        if plan.needs_calibration:
-            from qtool.calib.data import source_digest
-
-            meta.add_string("qtool.calibration_digest", source_digest(plan.calibration))
-        if self.imatrix:
-            meta.add_string("quantize.imatrix.file", str(self.imatrix["file"]))
-            meta.add_string("quantize.imatrix.dataset", str(self.imatrix["dataset"]))
-            meta.add_int32("quantize.imatrix.entries_count", int(self.imatrix["entries"]))
-            meta.add_int32("quantize.imatrix.chunks_count", int(self.imatrix["chunks"]))
-        if manifest.check is not None:
-            meta.add_float32("qtool.check_kld", float(manifest.check.kld))
+        write_gguf_metadata(self.writer.meta, source, self.arch, plan, imatrix=self.imatrix,
+                            check_kld=None if manifest.check is None else manifest.check.kld)
+        predicted = self.writer.predicted_size()  # what `qtool sensitivity` budgets with, checked on every file
         self.writer.finish()
         manifest.total_bytes = self.writer.out.stat().st_size  # the whole file: what a budget counts
+        if manifest.total_bytes != predicted:
+            manifest.warnings.append(f"internal: the GGUF size predicted from its layout ({predicted} bytes) differs "
+                                     f"from the file written ({manifest.total_bytes} bytes); please report it")
 
     def abort(self) -> None:
         self.writer.abort()
+
+
+def write_gguf_metadata(meta, source, arch, plan, *, imatrix: dict | None = None, check_kld: float | None = None) -> None:
+    """Every key a qtool GGUF file holds: llama.cpp's hyperparameters and tokenizer, `general.file_type` naming
+    the mix, provenance (`qtool.*`; `quantize.imatrix.*` when an importance matrix was used; `qtool.check_kld`
+    when the self-check ran). Shared by the sink and the size prediction (`predict_gguf_bytes`)."""
+    import gguf
+
+    from qtool import __version__
+    from qtool.formats.gguf_mixes import MIXES
+    from qtool.io.gguf_model import write_hparams, write_tokenizer
+
+    cfg = source.config
+    write_hparams(meta, cfg, arch, name=_model_name(source))
+    meta.add_file_type(MIXES[plan.gguf_type][0])
+    meta.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    write_tokenizer(meta, source, int(cfg.vocab_size))
+    meta.add_string("qtool.version", __version__)
+    meta.add_string("qtool.plan_digest", plan.digest())
+    meta.add_string("qtool.plan", plan.to_yaml())
+    meta.add_string("qtool.mix", plan.gguf_type)
+    if plan.needs_calibration:
+        from qtool.calib.data import source_digest
+
+        meta.add_string("qtool.calibration_digest", source_digest(plan.calibration))
+    if imatrix:
+        meta.add_string("quantize.imatrix.file", str(imatrix["file"]))
+        meta.add_string("quantize.imatrix.dataset", str(imatrix["dataset"]))
+        meta.add_int32("quantize.imatrix.entries_count", int(imatrix["entries"]))
+        meta.add_int32("quantize.imatrix.chunks_count", int(imatrix["chunks"]))
+    if check_kld is not None:
+        meta.add_float32("qtool.check_kld", float(check_kld))
+
+
+def predict_gguf_bytes(source, arch, plan, quantized: dict[str, tuple[int, int]], float_type: str,
+                       *, check: bool = True) -> tuple[int, "callable"]:
+    """The GGUF file `plan` gives `source`, as (fixed bytes, bytes_of): the file size is exactly
+    ``fixed + sum(bytes_of(codec, shape) for each quantized tensor)`` (each tensor padded to the alignment).
+
+    `quantized`: module name -> weight shape of every tensor the plan quantizes (decoder linears, and
+    `model.embed_tokens` / `lm_head` when quantized); every other tensor of the source is a float tensor the
+    engine writes (norms F32, the rest `float_type`). `check`: the self-check's key is counted (a run with
+    --no-check is 24 bytes smaller). An importance matrix file adds its `quantize.imatrix.*` keys (~150 bytes),
+    not counted here: plans from `qtool sensitivity` carry their own calibration."""
+    from qtool.io.gguf_model import permuted, tensor_namer
+    from qtool.io.gguf_writer import GGUFFileWriter, _pad
+
+    cfg = source.config
+    w = GGUFFileWriter(None, arch_name=arch.gguf_arch, names=tensor_namer(arch, cfg.num_hidden_layers),
+                       permute=permuted(arch, cfg))
+    write_gguf_metadata(w.meta, source, arch, plan, check_kld=0.0 if check else None)
+    q_weights = {m + ".weight" for m in quantized}
+    tied = cfg.tie_word_embeddings
+    written = [n for n in source.names() if n.startswith(arch.block_prefix(0).split("0")[0])]  # block parameters
+    written += [arch.embed, arch.final_norm] + ([] if tied else [arch.lm_head])
+    planned = [w.float_entry(n, tuple(source.shape(n)), float_type) for n in written
+               if n not in q_weights and n in source.names()]
+    planned += [(m + ".weight", [shape[0], 0], 0, 0) for m, shape in quantized.items()]  # infos only: data below
+    fixed = w.predicted_size(planned)
+
+    def bytes_of(codec, shape: tuple[int, int]) -> int:
+        return _pad(codec.nbytes(shape))
+
+    return fixed, bytes_of
 
 
 def _model_name(source) -> str:

@@ -258,10 +258,10 @@ class GGUFSource:
             head_dim = self.metadata.get(f"{self.arch}.attention.key_length")
             if head_dim and getattr(cfg, "head_dim", None) != head_dim:  # transformers' qwen3 reader ignores it
                 cfg.head_dim = int(head_dim)
-            return cfg
+            return _with_architectures(cfg)
 
         def load(d):
-            cfg = AutoConfig.from_pretrained(str(d))
+            cfg = _with_architectures(AutoConfig.from_pretrained(str(d)))
             cfg._name_or_path = str(self.path.parent)  # as built from the file: artifacts must not name the cache
             return cfg
 
@@ -350,3 +350,13 @@ class GGUFSource:
             with open(self.path, "rb") as f:
                 self._digest = hashlib.file_digest(f, "sha256").hexdigest()
         return self._digest
+
+
+def _with_architectures(cfg):
+    """transformers' GGUF reader leaves `architectures` empty; vLLM (and AutoRound) pick the model class from it,
+    so an HF artifact made from a GGUF source names it (from the architecture table's model types)."""
+    from qtool.io.arch import MODEL_TYPES
+
+    if not getattr(cfg, "architectures", None) and cfg.model_type in MODEL_TYPES:
+        cfg.architectures = [MODEL_TYPES[cfg.model_type]]
+    return cfg

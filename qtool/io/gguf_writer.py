@@ -51,16 +51,19 @@ def float_bytes(t: torch.Tensor, ftype: str) -> np.ndarray:
 class GGUFFileWriter:
     """The GGUF writer (`add`, `add_kv`, `finish`, `abort`); see the module doc."""
 
-    def __init__(self, out: Path, *, arch_name: str, names: "callable", permute: dict[str, int] | None = None,
+    def __init__(self, out: Path | None, *, arch_name: str, names: "callable", permute: dict[str, int] | None = None,
                  force: bool = False, inputs: tuple[Path, ...] = ()):
-        prepare_output(out, force, inputs)
-        self.out = Path(out)
+        """`out` None: a dry writer that only predicts sizes (`predicted_size`); it opens no file."""
         self.arch_name = arch_name
         self._gguf_name = names  # HF parameter name -> GGUF tensor name
         self._permute = permute or {}  # HF name suffix (e.g. "self_attn.q_proj.weight") -> rope groups
-        self.tmp = self.out.parent / f".{self.out.name}.qtool-tmp-{os.getpid()}"
-        self._spill_path = self.out.parent / f".{self.out.name}.qtool-spill-{os.getpid()}"
-        self._spill = open(self._spill_path, "w+b")
+        self._spill = None
+        if out is not None:
+            prepare_output(out, force, inputs)
+            self.out = Path(out)
+            self.tmp = self.out.parent / f".{self.out.name}.qtool-tmp-{os.getpid()}"
+            self._spill_path = self.out.parent / f".{self.out.name}.qtool-spill-{os.getpid()}"
+            self._spill = open(self._spill_path, "w+b")
         self._tensors: list[tuple[str, list[int], int, int, int]] = []  # gguf name, byte shape, type, offset, n
         self._names: set[str] = set()
         # metadata goes straight into gguf-py's writer (its add_* helpers type every key as llama.cpp expects);
@@ -95,6 +98,24 @@ class GGUFFileWriter:
         self.total_bytes += len(buf)
         return len(buf)
 
+    def float_entry(self, name: str, shape: tuple[int, ...], float_type: str = "f32") -> tuple[str, list[int], int, int]:
+        """The (HF name, byte shape, ggml type, nbytes) `add` gives a float tensor of `shape` (without its data)."""
+        if len(shape) == 1 or "norm" in name:
+            float_type = "f32"
+        size = {"f32": 4, "f16": 2, "bf16": 2}[float_type]
+        nbytes = size
+        for n in shape:
+            nbytes *= n
+        byte_shape = [nbytes] if len(shape) == 1 else [shape[0], nbytes // shape[0]]
+        return name, byte_shape, int(_FLOAT_TYPES[float_type]), nbytes
+
+    def predicted_size(self, planned: list[tuple[str, list[int], int, int]] = ()) -> int:
+        """The exact size `finish` will write: the metadata so far plus the tensors added so far and `planned`
+        ones ((HF name, byte shape, ggml type, nbytes), not added): see `file_size`."""
+        infos = [(g, shape, nbytes) for g, shape, _, _, nbytes in self._tensors]
+        infos += [(self._gguf_name(n), shape, nbytes) for n, shape, _, nbytes in planned]
+        return file_size(self.meta, infos)
+
     def finish(self) -> Path:
         """Write the container (tensors ordered: non-block tensors by name, then by block and name) and rename."""
         self._spill.flush()
@@ -128,6 +149,23 @@ class GGUFFileWriter:
             self._spill_path.unlink()
         except FileNotFoundError:
             pass
+
+
+def file_size(meta: gguf.GGUFWriter, tensors: list[tuple[str, list[int], int]]) -> int:
+    """Exact bytes of the GGUF file gguf-py's writer makes from `meta`'s keys and `tensors` ((GGUF name, byte
+    shape, nbytes)): header (magic, version, counts: 24 bytes) + KV pairs + tensor infos, padded to ALIGNMENT,
+    then every tensor's bytes padded to ALIGNMENT (GGUFWriter's layout; tested equal to written files)."""
+    head = 24
+    for key, val in meta.kv_data[0].items():
+        head += len(meta._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False))
+        head += len(meta._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
+    for name, shape, _ in tensors:
+        head += 8 + len(name.encode("utf-8")) + 4 + 8 * len(shape) + 4 + 8  # name, n_dims, dims, type, offset
+    return _pad(head) + sum(_pad(n) for _, _, n in tensors)
+
+
+def _pad(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
 
 
 def _order(name: str):

@@ -165,10 +165,29 @@ def test_every_type_runs_in_llama_cpp(models, tmp_path, gtype):
 def test_deterministic_and_atomic(models, tmp_path):
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     p = plan(mix_plan("Q3_K_M"))
-    run(open_model(models["llama"]), p, a)
+    m = run(open_model(models["llama"]), p, a)
     run(open_model(models["llama"]), p, b)
     assert a.read_bytes() == b.read_bytes()
+    # the size predicted from the layout (what `qtool sensitivity` budgets with) is the size written
+    assert m.total_bytes == a.stat().st_size and not [w for w in m.warnings if "predicted" in w]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.gguf", "b.gguf"]  # no temporaries left
+
+
+@pytest.mark.parametrize("arch, mix", [("llama", "Q4_K_M"), ("qwen2", "Q2_K"), ("qwen3", "Q5_K_S")])
+def test_predicted_bytes_are_the_file_bytes(models, tmp_path, arch, mix):
+    """`predict_gguf_bytes` (what `qtool sensitivity` budgets with) gives the written file's size exactly, from the
+    plan and the codec of every quantized tensor, before any tensor is quantized."""
+    from qtool.engine.sinks import predict_gguf_bytes
+    from qtool.formats.gguf_base import gguf_codec
+    from qtool.io.arch import arch_of
+
+    p = plan(mix_plan(mix))
+    out = tmp_path / "m.gguf"
+    src = open_model(models[arch])
+    m = run(src, p, out)
+    shapes = {r.name: tuple(src.shape(r.name + ".weight")) for r in m.layers}
+    fixed, bytes_of = predict_gguf_bytes(src, arch_of(src.config), p, shapes, "f32")
+    assert fixed + sum(bytes_of(gguf_codec(r.codec), shapes[r.name]) for r in m.layers) == out.stat().st_size
 
 
 def test_fallback_rows_choose_least_error_within_llama_cpp_size(tmp_path):
