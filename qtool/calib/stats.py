@@ -29,6 +29,7 @@ import torch
 from qtool.errors import ModelError, UsageError
 
 FORMAT = 1
+HEAD_INPUT = "lm_head"  # key of the output head's input statistics (files written before it lack it)
 KINDS = ("hessian", "abs_mean", "sq_mean", "absmax")
 
 
@@ -116,6 +117,16 @@ def collect(source, calibration, *, progress: Callable[[str, int, int], None] | 
                                        collector.absmax[g[0]])
         release(block)
         progress("calibrate", i + 1, n)
+    # the output head's input (the final norm's output): its statistics price the head (qtool sensitivity)
+    norm = skel.model.norm
+    norm.to_empty(device="cpu")
+    with torch.no_grad():
+        norm.weight.copy_(source.get(arch.final_norm).float())
+        xn = norm(x).reshape(-1, x.shape[-1]).float()
+    inputs[HEAD_INPUT] = HEAD_INPUT
+    tensors[HEAD_INPUT] = InputStats(xn.T @ xn / xn.shape[0], xn.abs().mean(0), xn.square().mean(0),
+                                     xn.abs().amax(0))
+    del xn
     from qtool.calib.data import source_digest
 
     spec = asdict(calibration)
@@ -197,6 +208,8 @@ def write_imatrix(stats: Stats, path: Path, n_layers: int, dataset: str) -> None
 
     entries = {}
     for lin, key in sorted(stats.inputs.items()):
+        if lin == HEAD_INPUT:  # llama-imatrix records no head entry for tied models; keep files like its own
+            continue
         entries[imatrix.hf_to_gguf_name(lin, n_layers)] = (stats.tensors[key].sq_mean * stats.tokens, stats.tokens)
     chunks = int(stats.calibration["samples"])
     if Path(path).suffix == ".dat":

@@ -9,6 +9,7 @@ from qtool.cli import calibrate as calibrate_cmd
 from qtool.cli import convert_gguf as convert_gguf_cmd
 from qtool.cli import eval as eval_cmd
 from qtool.cli import quantize as quantize_cmd
+from qtool.cli import sensitivity as sensitivity_cmd
 
 app = typer.Typer(
     name="qtool",
@@ -24,6 +25,7 @@ app.command("calibrate", no_args_is_help=True)(calibrate_cmd.calibrate)
 app.command("quantize", no_args_is_help=True)(quantize_cmd.quantize)
 app.command("eval", no_args_is_help=True)(eval_cmd.evaluate)
 app.command("convert-gguf", no_args_is_help=True)(convert_gguf_cmd.convert_gguf)
+app.command("sensitivity", no_args_is_help=True)(sensitivity_cmd.sensitivity)
 
 
 def _version(value: bool) -> None:

@@ -15,7 +15,9 @@ renames it into place; `abort` removes everything. Sinks know their container; t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -134,9 +136,15 @@ def write_gguf_metadata(meta, source, arch, plan, *, imatrix: dict | None = None
         meta.add_float32("qtool.check_kld", float(check_kld))
 
 
+class GGUFSize(NamedTuple):
+    fixed: int  # header + metadata + tensor infos (padded) + the float tensors' data (padded)
+    float_data: int  # of which the float tensors' data
+    bytes_of: Callable  # (codec, shape) -> a quantized tensor's bytes in the file (padded)
+
+
 def predict_gguf_bytes(source, arch, plan, quantized: dict[str, tuple[int, int]], float_type: str,
-                       *, check: bool = True) -> tuple[int, "callable"]:
-    """The GGUF file `plan` gives `source`, as (fixed bytes, bytes_of): the file size is exactly
+                       *, check: bool = True) -> GGUFSize:
+    """The GGUF file `plan` gives `source`: its size is exactly
     ``fixed + sum(bytes_of(codec, shape) for each quantized tensor)`` (each tensor padded to the alignment).
 
     `quantized`: module name -> weight shape of every tensor the plan quantizes (decoder linears, and
@@ -163,7 +171,7 @@ def predict_gguf_bytes(source, arch, plan, quantized: dict[str, tuple[int, int]]
     def bytes_of(codec, shape: tuple[int, int]) -> int:
         return _pad(codec.nbytes(shape))
 
-    return fixed, bytes_of
+    return GGUFSize(fixed, sum(_pad(e[3]) for e in planned), bytes_of)
 
 
 def _model_name(source) -> str:

@@ -1,0 +1,200 @@
+"""`qtool sensitivity`: price every tensor at every candidate type, solve for the best mix under a budget, write
+the plan (flags -> statistics -> costs -> solve -> plan file; the work is in `qtool/sensitivity/`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from qtool.cli.common import check_json_dest, err, human_bytes, progress_bar, user_errors, warn, write_json
+from qtool.cli.common import out as stdout
+
+EXAMPLE = """
+[bold]Examples[/]:
+
+  qtool sensitivity smollm2-135m --candidates q3_k,q4_k,q5_k,q6_k,q8_0 --target-size 95MB \\
+      --calib ../shared/data/calibration-mixed.txt --out mix.yaml
+  qtool convert-gguf smollm2-135m --plan mix.yaml --out mix.gguf          # exactly the predicted bytes
+  qtool sensitivity smollm2-135m --stats build/smollm2-stats --target-bpw 4.5 --out mix.yaml
+
+[bold]Costs[/] (--mode proxy): the output error each tensor causes alone at each candidate, through the method
+the plan uses (--method rtn|gptq): tr(ΔW·H·ΔWᵀ) with H = XᵀX/N of its inputs (the head: of the final norm's
+output; the token embeddings: mean squared row error). Candidates whose blocks do not fit a tensor's rows
+(SmolLM2: 576) are replaced there by the 32-element types llama.cpp falls back to.
+
+[bold]Budgets[/]: --target-size counts the whole file (metadata, tokenizer, float tensors, padding), and the
+written file has exactly the predicted size. --target-bpw counts the bytes of every tensor (embeddings, head and
+norms included) per weight of the file. The plan names one type per tensor with its predicted cost.
+
+[bold]Exit status[/]: 0 ok, 2 usage error (e.g. a budget outside the feasible range, which is stated), 3
+unreadable model or statistics.
+"""
+
+
+def sensitivity(
+    model: Annotated[str, typer.Argument(help="HF model directory, .gguf file, or the alias smollm2-135m.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Plan YAML to write (atomically).")] = None,
+    candidates: Annotated[str, typer.Option("--candidates", "-c", help="GGUF types to choose from, comma-separated.")]
+    = "q2_k,q3_k,q4_k,q5_k,q6_k,q8_0",
+    target_size: Annotated[Optional[str], typer.Option("--target-size", help="Whole-file budget, e.g. 95MB, 1.5GiB.")]
+    = None,
+    target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", min=0.5, max=32.0, help="Bits per weight over "
+                                                        "every weight in the file (embeddings and head included).")]
+    = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="rtn or gptq: the method the plan uses (and its costs).")]
+    = "rtn",
+    mode: Annotated[str, typer.Option("--mode", help="proxy (per-tensor output error; this version).")] = "proxy",
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text/JSONL file.")] = None,
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="Statistics directory from `qtool calibrate`.")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration sequences.")] = 128,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="Tokens per sequence.")] = 512,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the report as JSON ('-' = stdout).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the checkpoint.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+) -> None:
+    with user_errors(verbose):
+        import time
+
+        from qtool.errors import UsageError
+        from qtool.formats.gguf_base import all_gguf_codecs
+        from qtool.io.source import open_model
+
+        t0 = time.perf_counter()
+        check_json_dest(json_out)
+        if out is None:
+            raise UsageError("--out PLAN.yaml is required")
+        if out.exists() and not force:
+            raise UsageError(f"--out {out} exists; pass --force to replace it")
+        if (target_size is None) == (target_bpw is None):
+            raise UsageError("give one budget: --target-size (e.g. 95MB) or --target-bpw (e.g. 4.5)")
+        if mode != "proxy":
+            raise UsageError(f"--mode {mode}: this version measures proxy costs only (allowed: proxy)")
+        if method not in ("rtn", "gptq"):
+            raise UsageError(f"--method {method}: allowed rtn, gptq")
+        cands = [c.strip().lower() for c in candidates.split(",") if c.strip()]
+        known = [n for n, c in all_gguf_codecs().items() if c.levels]
+        bad = [c for c in cands if c not in known]
+        if bad or not cands:
+            raise UsageError(f"--candidates: unknown type {', '.join(bad) or '(none)'}; known: {', '.join(known)}")
+        if calib is not None and stats is not None:
+            raise UsageError("--calib and --stats both give statistics; pass one of them")
+        if calib is not None and not calib.is_file():
+            raise UsageError(f"--calib {calib}: file not found")
+        from qtool.sensitivity.planner import parse_size
+
+        size_budget = parse_size(target_size) if target_size is not None else None
+        with err.status(f"reading {escape(model)}"):
+            source = open_model(model, trust_remote_code=trust_remote_code)
+            source.config
+        console = err if json_out == "-" else stdout
+        with progress_bar(json_out != "-") as progress:
+            from qtool.calib import stats as st
+            from qtool.plan import Calibration
+
+            if stats is not None:
+                s = st.load(stats)
+                s.check(source.digest(), None, where=f"--stats {stats}")
+                cal = {k: s.calibration[k] for k in ("source", "samples", "seq_len", "seed") if k in s.calibration}
+            else:
+                spec = Calibration(source=str(calib) if calib is not None else "generated", samples=samples,
+                                   seq_len=seq_len)
+                s = st.collect(source, spec, progress=progress)
+                cal = {"source": spec.source, "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed}
+            from qtool.sensitivity.costs import measure
+
+            options = measure(source, s, cands, method=method, progress=progress)
+        result = _solve_and_write(source, options, cands, method, cal, size_budget, target_bpw, out)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        console.print(f"[green]plan[/] {escape(str(out))}: {len(result['picks'])} tensors, predicted "
+                      f"{human_bytes(result['predicted_bytes'])} ({result['predicted_bytes']:,} bytes; budget "
+                      f"{result['budget']}), predicted cost {result['cost']:.4g}"
+                      f" ({'optimal' if result['optimal'] else 'gap to the LP bound ' + format(result['gap'], '.2%')})",
+                      highlight=False, soft_wrap=True)
+        counts: dict[str, int] = {}
+        for t in result["picks"].values():
+            counts[t] = counts.get(t, 0) + 1
+        console.print("types: " + ", ".join(f"{t.upper()} x{n}" for t, n in sorted(counts.items())), highlight=False)
+        for w in result["warnings"]:
+            warn(w)
+        write_json(json_out, result)
+
+
+def _solve_and_write(source, options, cands, method, cal, size_budget, target_bpw, out: Path) -> dict:
+    """Budget -> solve -> plan text (exact size computed on the final plan) -> atomic write; the JSON report."""
+    import os
+
+    from qtool.engine.sinks import predict_gguf_bytes
+    from qtool.errors import UsageError
+    from qtool.formats.gguf_base import gguf_codec
+    from qtool.io.arch import arch_of
+    from qtool.io.gguf_writer import GGUF_FLOAT, _pad
+    from qtool.plan import parse_plan
+    from qtool.sensitivity.planner import mix_name, plan_text
+    from qtool.sensitivity.solve import Choice, feasible_range, solve
+
+    arch = arch_of(source.config)
+    shapes = {n: tuple(source.shape(n + ".weight")) for n in options}
+    float_type = GGUF_FLOAT[getattr(source, "float_dtype", source.dtype)]
+
+    def layout(picks: dict[str, str], mix: str):
+        text = plan_text(picks, options, method=method, mix=mix, calibration=cal, header=[])
+        return predict_gguf_bytes(source, arch, parse_plan(text, where=str(out)), shapes, float_type)
+
+    # an upper bound of the fixed part: every rule names its longest option, the mix name is 6 characters (the
+    # longest llama.cpp mix names are); the written plan differs only in those names
+    longest = {n: max((o.codec for o in opts), key=lambda c: (len(c), c)) for n, opts in options.items()}
+    ub = layout(longest, "Q4_K_M")
+    items = {n: [Choice(o.codec, _pad(o.bytes), o.cost) for o in opts] for n, opts in options.items()}
+    lo, hi = feasible_range(items)
+    if size_budget is not None:  # the whole file
+        offset, describe = ub.fixed, f"{size_budget:,} bytes (whole file)"
+        budget = size_budget - offset
+    else:  # tensor data only: floats + quantized, per weight of the file
+        n_weights = sum(_numel(source.shape(n)) for n in source.names())
+        offset, describe = ub.float_data, f"{target_bpw:g} bits/weight over {n_weights:,} weights"
+        budget = int(target_bpw * n_weights / 8) - offset
+    if budget < lo:
+        raise UsageError(f"budget {describe} is below the smallest mix of these candidates: it needs at least "
+                         f"{lo + offset:,} bytes ({(lo + offset) / 1e6:.3f} MB"
+                         f"{'' if size_budget is not None else ' of tensor data'}); feasible: "
+                         f"{(lo + offset) / 1e6:.3f} MB - {(hi + offset) / 1e6:.3f} MB")
+    sol = solve(items, budget)
+    warnings = []
+    if budget > hi:
+        warnings.append(f"the budget is above the largest useful mix ({(hi + offset) / 1e6:.3f} MB): every tensor "
+                        "takes its least-cost type")
+    mix = mix_name(sol.picks, options)
+    final = layout(sol.picks, mix)
+    q_data = sum(_pad(gguf_codec(t).nbytes(shapes[n])) for n, t in sol.picks.items())
+    predicted = final.fixed + q_data
+    n_weights = sum(_numel(source.shape(n)) for n in source.names())
+    header = [f"qtool sensitivity ({method} costs, proxy mode): one GGUF type per tensor, least predicted cost",
+              f"budget: {describe}; predicted file size {predicted:,} bytes; predicted cost {sol.cost:.6g}"
+              f"{' (optimal)' if sol.optimal else f' (LP lower bound {sol.lower_bound:.6g})'}"]
+    text = plan_text(sol.picks, options, method=method, mix=mix, calibration=cal, header=header)
+    parse_plan(text, where=str(out))  # the plan qtool itself will read
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    return {"out": str(out), "budget": describe, "budget_bytes": size_budget, "target_bpw": target_bpw,
+            "predicted_bytes": predicted, "tensor_data_bytes": final.float_data + q_data, "weights": n_weights,
+            "bits_per_weight": round(8 * (final.float_data + q_data) / n_weights, 4), "cost": sol.cost, "optimal": sol.optimal, "lower_bound": sol.lower_bound,
+            "gap": (sol.cost - sol.lower_bound) / sol.cost if sol.cost > 0 else 0.0, "mix_name": mix,
+            "picks": dict(sorted(sol.picks.items())), "warnings": warnings,
+            "options": {n: [{"codec": o.codec, "bytes": o.bytes, "cost": o.cost} for o in opts]
+                        for n, opts in sorted(options.items())}}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+sensitivity.__doc__ = ("Measure every tensor's cost at each candidate type and write the least-cost plan under a "
+                       "size budget.\n" + EXAMPLE)

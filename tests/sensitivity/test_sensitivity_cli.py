@@ -1,0 +1,76 @@
+"""`qtool sensitivity` end to end on a tiny model: the plan it writes is what convert-gguf takes unchanged, the
+file has exactly the predicted bytes and stays within the budget, more budget buys less predicted cost, and
+budgets outside the feasible range are refused with the range stated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from qtool.cli.app import app
+
+runner = CliRunner()
+CAL = ["--samples", "4", "--seq-len", "32"]
+
+
+def sens(model, out, *args):
+    return runner.invoke(app, ["sensitivity", str(model), "--out", str(out), "--candidates", "q3_k,q4_k,q6_k,q8_0",
+                               *CAL, "--json", str(out) + ".json", *args])
+
+
+@pytest.fixture(scope="module")
+def sized(tiny_llama, tmp_path_factory):
+    """Two budgets' plans (and reports) of the shared tiny model."""
+    d = tmp_path_factory.mktemp("sens")
+    res = {}
+    for name, size in (("small", "0.8MB"), ("large", "1.1MB")):
+        r = sens(tiny_llama, d / f"{name}.yaml", "--target-size", size)
+        assert r.exit_code == 0, r.output
+        res[name] = (d / f"{name}.yaml", json.loads((d / f"{name}.yaml.json").read_text()))
+    return res
+
+
+def test_plan_converts_to_exactly_the_predicted_bytes(sized, tiny_llama, tmp_path):
+    plan, rep = sized["small"]
+    assert rep["predicted_bytes"] <= 800_000
+    body = yaml.safe_load(plan.read_text())
+    assert len(body["rules"]) == len(rep["picks"]) and body["output"]["format"] == "gguf"
+    assert all(r["match"].startswith("^") and r["codec"] in ("q3_k", "q4_k", "q6_k", "q8_0") for r in body["rules"])
+    out = tmp_path / "m.gguf"
+    r = runner.invoke(app, ["convert-gguf", str(tiny_llama), "--plan", str(plan), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.stat().st_size == rep["predicted_bytes"]
+
+
+def test_more_budget_less_cost_and_deterministic(sized, tiny_llama, tmp_path):
+    (small, s), (large, big) = sized["small"], sized["large"]
+    assert big["predicted_bytes"] > s["predicted_bytes"] and big["cost"] < s["cost"]
+    again = tmp_path / "again.yaml"
+    assert sens(tiny_llama, again, "--target-size", "0.8MB").exit_code == 0
+    assert again.read_text() == small.read_text()
+
+
+def test_bpw_budget_counts_every_weight(sized, tiny_llama, tmp_path):
+    out = tmp_path / "bpw.yaml"
+    r = sens(tiny_llama, out, "--target-bpw", "5.0")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "bpw.yaml.json").read_text())
+    assert "bits/weight" in rep["budget"]
+    assert 4.8 < 8 * rep["tensor_data_bytes"] / rep["weights"] <= 5.0 and rep["bits_per_weight"] <= 5.0
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--target-size", "200kB"], "feasible: "),
+    (["--target-size", "2MB", "--target-bpw", "4"], "give one budget"),
+    (["--target-size", "2MB", "--candidates", "q4_k,q9_k"], "unknown type q9_k"),
+    (["--target-size", "lots"], "expected a size"),
+    (["--target-size", "2MB", "--mode", "measured"], "proxy costs only"),
+])
+def test_bad_input(tiny_llama, tmp_path, args, msg):
+    r = runner.invoke(app, ["sensitivity", str(tiny_llama), "--out", str(tmp_path / "p.yaml"), *CAL, *args])
+    assert r.exit_code == 2, r.output
+    assert msg in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "p.yaml").exists()
