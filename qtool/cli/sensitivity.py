@@ -44,6 +44,11 @@ def sensitivity(
     target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", min=0.5, max=32.0, help="Bits per weight over "
                                                         "every weight in the file (embeddings and head included).")]
     = None,
+    target_memory: Annotated[Optional[str], typer.Option("--target-memory", help="llama.cpp memory budget at --ctx: "
+                                                         "file + KV cache + compute buffers, e.g. 2GiB.")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", min=1, help="Context length the memory budget is for.")] = 8192,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Sequences in parallel (KV cache per sequence).")] = 1,
+    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16 or q8_0.")] = "f16",
     method: Annotated[str, typer.Option("--method", "-m", help="rtn or gptq: the method the plan uses (and its costs).")]
     = "rtn",
     mode: Annotated[str, typer.Option("--mode", help="proxy (per-tensor output error; this version).")] = "proxy",
@@ -52,6 +57,8 @@ def sensitivity(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration sequences.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="Tokens per sequence.")] = 512,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Directory for PNG plots: per-tensor cost heatmaps "
+                                                   "and the size-vs-cost frontier with llama.cpp's named mixes.")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the report as JSON ('-' = stdout).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the checkpoint.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
@@ -69,8 +76,9 @@ def sensitivity(
             raise UsageError("--out PLAN.yaml is required")
         if out.exists() and not force:
             raise UsageError(f"--out {out} exists; pass --force to replace it")
-        if (target_size is None) == (target_bpw is None):
-            raise UsageError("give one budget: --target-size (e.g. 95MB) or --target-bpw (e.g. 4.5)")
+        if sum(x is not None for x in (target_size, target_bpw, target_memory)) != 1:
+            raise UsageError("give one budget: --target-size (e.g. 95MB), --target-bpw (e.g. 4.5) or --target-memory "
+                             "(e.g. 2GiB, with --ctx)")
         if mode != "proxy":
             raise UsageError(f"--mode {mode}: this version measures proxy costs only (allowed: proxy)")
         if method not in ("rtn", "gptq"):
@@ -90,6 +98,15 @@ def sensitivity(
         with err.status(f"reading {escape(model)}"):
             source = open_model(model, trust_remote_code=trust_remote_code)
             source.config
+        memory = None
+        if target_memory is not None:  # the file budget is what the KV cache and the buffers leave
+            from qtool.sensitivity.memory import memory_model
+
+            memory = memory_model(source.config, ctx, batch, kv_type)
+            size_budget = parse_size(target_memory) - memory.overhead
+            if size_budget <= 0:
+                raise UsageError(f"--target-memory {target_memory}: the KV cache and compute buffers alone take "
+                                 f"{memory.overhead:,} bytes at --ctx {ctx} ({memory.terms})")
         console = err if json_out == "-" else stdout
         with progress_bar(json_out != "-") as progress:
             from qtool.calib import stats as st
@@ -107,7 +124,7 @@ def sensitivity(
             from qtool.sensitivity.costs import measure
 
             options = measure(source, s, cands, method=method, progress=progress)
-        result = _solve_and_write(source, options, cands, method, cal, size_budget, target_bpw, out)
+        result = _solve_and_write(source, options, cands, method, cal, size_budget, target_bpw, out, memory, report)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         console.print(f"[green]plan[/] {escape(str(out))}: {len(result['picks'])} tensors, predicted "
                       f"{human_bytes(result['predicted_bytes'])} ({result['predicted_bytes']:,} bytes; budget "
@@ -123,7 +140,8 @@ def sensitivity(
         write_json(json_out, result)
 
 
-def _solve_and_write(source, options, cands, method, cal, size_budget, target_bpw, out: Path) -> dict:
+def _solve_and_write(source, options, cands, method, cal, size_budget, target_bpw, out: Path, memory=None,
+                     report: Path | None = None) -> dict:
     """Budget -> solve -> plan text (exact size computed on the final plan) -> atomic write; the JSON report."""
     import os
 
@@ -152,6 +170,9 @@ def _solve_and_write(source, options, cands, method, cal, size_budget, target_bp
     lo, hi = feasible_range(items)
     if size_budget is not None:  # the whole file
         offset, describe = ub.fixed, f"{size_budget:,} bytes (whole file)"
+        if memory is not None:
+            describe = (f"memory {size_budget + memory.overhead:,} bytes = file <= {size_budget:,} bytes + "
+                        f"{memory.terms}")
         budget = size_budget - offset
     else:  # tensor data only: floats + quantized, per weight of the file
         n_weights = sum(_numel(source.shape(n)) for n in source.names())
@@ -180,11 +201,28 @@ def _solve_and_write(source, options, cands, method, cal, size_budget, target_bp
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, out)
+    plots = {}
+    if report is not None:
+        from qtool.sensitivity import report as rp
+        from qtool.sensitivity.planner import frontier, named_mixes
+
+        report.mkdir(parents=True, exist_ok=True)
+        fixed = ub.fixed  # the plot shows whole-file sizes (within the plan text's few bytes)
+        pts = [(b + fixed, c) for b, c in frontier(items, lo, hi)]
+        named = {m: (b + fixed, c) for m, (b, c) in named_mixes(source.config, arch, options, shapes).items()}
+        rp.frontier_plot(report / "frontier.png", pts, (predicted, sol.cost), named)
+        rp.cost_heatmap(report / "costs.png", options, sol.picks, source.config.num_hidden_layers, cands)
+        plots = {"frontier": str(report / "frontier.png"), "costs": str(report / "costs.png"),
+                 "frontier_points": pts, "named_mixes": named}
     return {"out": str(out), "budget": describe, "budget_bytes": size_budget, "target_bpw": target_bpw,
-            "predicted_bytes": predicted, "tensor_data_bytes": final.float_data + q_data, "weights": n_weights,
+            "predicted_bytes": predicted,
+            **({"memory": {"predicted_bytes": predicted + memory.overhead, "kv_cache_bytes": memory.kv_bytes,
+                           "compute_bytes": memory.compute_bytes, "kv_share": round(memory.kv_bytes / (
+                               predicted + memory.overhead), 4), "arithmetic": memory.terms}} if memory else {}),
+            "tensor_data_bytes": final.float_data + q_data, "weights": n_weights,
             "bits_per_weight": round(8 * (final.float_data + q_data) / n_weights, 4), "cost": sol.cost, "optimal": sol.optimal, "lower_bound": sol.lower_bound,
             "gap": (sol.cost - sol.lower_bound) / sol.cost if sol.cost > 0 else 0.0, "mix_name": mix,
-            "picks": dict(sorted(sol.picks.items())), "warnings": warnings,
+            "picks": dict(sorted(sol.picks.items())), "warnings": warnings, "report": plots,
             "options": {n: [{"codec": o.codec, "bytes": o.bytes, "cost": o.cost} for o in opts]
                         for n, opts in sorted(options.items())}}
 

@@ -67,3 +67,41 @@ def plan_text(picks: dict[str, str], options: dict[str, list[Option]], *, method
         body = ", ".join(f"{k}: {v}" for k, v in calibration.items())
         lines.append(f"calibration: {{{body}}}")
     return "\n".join(lines) + "\n"
+
+
+def frontier(items: dict, lo: int, hi: int, n: int = 8) -> list[tuple[int, float]]:
+    """(tensor bytes, predicted cost) of the solver's mixes at `n` budgets spread over [lo, hi]."""
+    from qtool.sensitivity.solve import solve
+
+    pts = []
+    for k in range(n):
+        sol = solve(items, lo + (hi - lo) * k // max(n - 1, 1))
+        pts.append((sol.bytes, sol.cost))
+    return sorted(set(pts))
+
+
+def named_mixes(cfg, arch, options: dict[str, list[Option]], shapes: dict[str, tuple[int, int]],
+                mixes=("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")) -> dict:
+    """{mix: (tensor bytes, predicted cost)} of llama.cpp's named mixes (its per-tensor rules and fixed shape
+    fallbacks) priced by the same costs; mixes that use a type outside the options are left out."""
+    from qtool.formats.gguf_mixes import mix_types
+    from qtool.io.gguf_model import tensor_namer
+
+    namer = tensor_namer(arch, cfg.num_hidden_layers)
+    gnames = {namer(n + ".weight"): n for n in options}
+    n_head = cfg.num_attention_heads
+    out = {}
+    for mix in mixes:
+        types = mix_types(mix, {g: shapes[n] for g, n in gnames.items()}, n_layer=cfg.num_hidden_layers, n_head=n_head,
+                          n_head_kv=getattr(cfg, "num_key_value_heads", None) or n_head, has_imatrix=True)
+        total_b, total_c, ok = 0, 0.0, True
+        for g, name in gnames.items():
+            choice = types.get(g)
+            o = next((o for o in options[name] if choice is not None and o.codec == choice.type), None)
+            if o is None:
+                ok = False
+                break
+            total_b, total_c = total_b + o.bytes, total_c + o.cost
+        if ok:
+            out[mix] = (total_b, total_c)
+    return out

@@ -55,11 +55,17 @@ def test_more_budget_less_cost_and_deterministic(sized, tiny_llama, tmp_path):
 
 def test_bpw_budget_counts_every_weight(sized, tiny_llama, tmp_path):
     out = tmp_path / "bpw.yaml"
-    r = sens(tiny_llama, out, "--target-bpw", "5.0")
+    r = sens(tiny_llama, out, "--target-bpw", "5.0", "--report", str(tmp_path / "rep"))
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "bpw.yaml.json").read_text())
     assert "bits/weight" in rep["budget"]
     assert 4.8 < 8 * rep["tensor_data_bytes"] / rep["weights"] <= 5.0 and rep["bits_per_weight"] <= 5.0
+    # the report: two PNGs; the frontier falls as bytes grow; llama.cpp's mixes priced by the same costs
+    for png in ("frontier.png", "costs.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pts = rep["report"]["frontier_points"]
+    assert len(pts) >= 3 and all(a[1] >= b[1] for a, b in zip(pts, pts[1:]))
+    assert {"Q4_K_M", "Q3_K_S"} <= set(rep["report"]["named_mixes"])  # (Q3_K_M also uses Q5_K: not a candidate)
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -74,3 +80,24 @@ def test_bad_input(tiny_llama, tmp_path, args, msg):
     assert r.exit_code == 2, r.output
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_memory_target_leaves_room_for_the_kv_cache(tiny_llama, tmp_path):
+    """--target-memory: file + KV cache at --ctx + compute buffers <= the budget, with the arithmetic stated."""
+    from qtool.io.source import open_model
+    from qtool.sensitivity.memory import memory_model
+
+    cfg = open_model(tiny_llama).config
+    mm = memory_model(cfg, 4096)
+    # 2 (K, V) x layers x KV heads x head dim x ctx x 2 bytes (f16)
+    assert mm.kv_bytes == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4096 * 2
+    assert memory_model(cfg, 4096, kv_type="q8_0").kv_bytes == int(mm.kv_bytes / 2 * 34 / 32)
+    budget = mm.overhead + 900_000
+    r = sens(tiny_llama, tmp_path / "m.yaml", "--target-memory", str(budget), "--ctx", "4096")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "m.yaml.json").read_text())
+    assert rep["predicted_bytes"] <= 900_000 and rep["memory"]["predicted_bytes"] <= budget
+    assert rep["memory"]["kv_cache_bytes"] == mm.kv_bytes and "KV cache" in rep["memory"]["arithmetic"]
+    assert "KV cache" in (tmp_path / "m.yaml").read_text().splitlines()[1]
+    r = sens(tiny_llama, tmp_path / "x.yaml", "--target-memory", "1MB", "--ctx", "65536")
+    assert r.exit_code == 2 and "KV cache and compute buffers alone" in r.stderr
