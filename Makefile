@@ -62,6 +62,13 @@ GGUF_ARGS ?=
 bench-gguf: install llama-tools
 	$(BIN)/python bench/bench_gguf.py --data $(DATA) --out bench/results $(GGUF_ARGS)
 
+# qtool sensitivity's planned mixes at the sizes of llama.cpp's Q4_K_M / Q3_K_M / Q2_K (after bench-gguf, whose work
+# directory and llama.cpp rows it reuses); results in bench/results/SENSITIVITY.md
+SENS_ARGS ?=
+.PHONY: bench-sensitivity
+bench-sensitivity: install llama-tools
+	$(BIN)/python bench/bench_sensitivity.py --data $(DATA) --out bench/results $(SENS_ARGS)
+
 # llm-compressor's GPTQ beside qtool's (same calibration token ids, same evaluator): bench/peers.py installs
 # llm-compressor 0.14 into its own venv (~/.cache/qtool/peers-venv), never into .venv. Quick run:
 # make bench-peers PEERS_ARGS='--samples 4 --chunks 2 --out /tmp/peers'
