@@ -42,13 +42,19 @@ def timed(cmd: list, log: Path) -> dict:
     return {"seconds": round(secs, 2), "rss_mb": round(rss, 1)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The options the GGUF benchmarks share (data, results, the work directory, bases, mixes)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "bench-gguf")
     ap.add_argument("--bases", default="shipped,off-grid")
     ap.add_argument("--mixes", default=",".join(MIXES))
+    return ap
+
+
+def main() -> None:
+    ap = base_parser(__doc__)
     ap.add_argument("--tools", default="llama,qtool-rtn,qtool-gptq")
     ap.add_argument("--chunks", type=int, default=100)
     ap.add_argument("--calib-chunks", type=int, default=128)

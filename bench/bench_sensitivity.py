@@ -13,25 +13,19 @@ Resumable (rows already measured are kept). Run alone: two torch processes at on
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_gguf import MIXES, timed  # noqa: E402
+from bench_gguf import MIXES, base_parser, timed  # noqa: E402
 
 CANDIDATES = "q2_k,q3_k,q4_k,q5_k,q6_k,q8_0"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--work", type=Path, default=ROOT / "build" / "bench-gguf")
-    ap.add_argument("--bases", default="shipped,off-grid")
-    ap.add_argument("--mixes", default=",".join(MIXES))
+    ap = base_parser(__doc__)
     ap.add_argument("--methods", default="rtn")
     args = ap.parse_args()
     from qtool.eval import llamacpp
