@@ -4,7 +4,7 @@ the plan (flags -> statistics -> costs -> solve -> plan file; the work is in `qt
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NamedTuple, Optional
 
 import typer
 from rich.markup import escape
@@ -25,8 +25,8 @@ the plan uses (--method rtn|gptq): tr(ΔW·H·ΔWᵀ) with H = XᵀX/N of its in
 output; the token embeddings: mean squared row error). Candidates whose blocks do not fit a tensor's rows
 (SmolLM2: 576) are replaced there by the 32-element types llama.cpp falls back to.
 
-[bold]Budgets[/]: --target-size counts the whole file (metadata, tokenizer, float tensors, padding), and the
-written file has exactly the predicted size. --target-bpw counts the bytes of every tensor (embeddings, head and
+[bold]Budgets[/]: --target-size counts the whole GGUF file (metadata, tokenizer, float tensors, padding), and the
+written file has exactly the predicted size (HF formats: the tensor data, float tensors included). --target-bpw counts the bytes of every tensor (embeddings, head and
 norms included) per weight of the file. The plan names one type per tensor with its predicted cost.
 
 [bold]Exit status[/]: 0 ok, 2 usage error (e.g. a budget outside the feasible range, which is stated), 3
@@ -37,8 +37,12 @@ unreadable model or statistics.
 def sensitivity(
     model: Annotated[str, typer.Argument(help="HF model directory, .gguf file, or the alias smollm2-135m.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Plan YAML to write (atomically).")] = None,
-    candidates: Annotated[str, typer.Option("--candidates", "-c", help="GGUF types to choose from, comma-separated.")]
-    = "q2_k,q3_k,q4_k,q5_k,q6_k,q8_0",
+    candidates: Annotated[str, typer.Option("--candidates", "-c", help="Codecs to choose from, comma-separated: GGUF "
+                                            "types (q4_k, ...) or codecs one HF format holds together (int4_g64_asym, "
+                                            "int8_ch_sym, ...).")] = "q2_k,q3_k,q4_k,q5_k,q6_k,q8_0",
+    fmt_name: Annotated[Optional[str], typer.Option("--format", help="Output format of the plan (default: gguf for "
+                                                    "GGUF types, compressed-tensors for int codecs, bnb for nf4/fp4).")]
+    = None,
     target_size: Annotated[Optional[str], typer.Option("--target-size", help="Whole-file budget, e.g. 95MB, 1.5GiB.")]
     = None,
     target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", min=0.5, max=32.0, help="Bits per weight over "
@@ -67,7 +71,6 @@ def sensitivity(
         import time
 
         from qtool.errors import UsageError
-        from qtool.formats.gguf_base import all_gguf_codecs
         from qtool.io.source import open_model
 
         t0 = time.perf_counter()
@@ -84,10 +87,7 @@ def sensitivity(
         if method not in ("rtn", "gptq"):
             raise UsageError(f"--method {method}: allowed rtn, gptq")
         cands = [c.strip().lower() for c in candidates.split(",") if c.strip()]
-        known = [n for n, c in all_gguf_codecs().items() if c.levels]
-        bad = [c for c in cands if c not in known]
-        if bad or not cands:
-            raise UsageError(f"--candidates: unknown type {', '.join(bad) or '(none)'}; known: {', '.join(known)}")
+        fmt = _check_candidates(cands, fmt_name, method)
         if calib is not None and stats is not None:
             raise UsageError("--calib and --stats both give statistics; pass one of them")
         if calib is not None and not calib.is_file():
@@ -99,6 +99,9 @@ def sensitivity(
             source = open_model(model, trust_remote_code=trust_remote_code)
             source.config
         memory = None
+        if target_memory is not None and fmt.name != "gguf":
+            raise UsageError("--target-memory plans for llama.cpp (GGUF candidates); HF formats take --target-size or "
+                             "--target-bpw")
         if target_memory is not None:  # the file budget is what the KV cache and the buffers leave
             from qtool.sensitivity.memory import memory_model
 
@@ -123,8 +126,10 @@ def sensitivity(
                 cal = {"source": spec.source, "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed}
             from qtool.sensitivity.costs import measure
 
-            options = measure(source, s, cands, method=method, progress=progress)
-        result = _solve_and_write(source, options, cands, method, cal, size_budget, target_bpw, out, memory, report)
+            options = measure(source, s, cands, method=method, fmt=fmt, scale_dtype=_scale_dtype(source, fmt),
+                              progress=progress)
+        result = _solve_and_write(source, fmt, options, cands, method, cal, size_budget, target_bpw, out, memory,
+                                  report)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         console.print(f"[green]plan[/] {escape(str(out))}: {len(result['picks'])} tensors, predicted "
                       f"{human_bytes(result['predicted_bytes'])} ({result['predicted_bytes']:,} bytes; budget "
@@ -140,14 +145,46 @@ def sensitivity(
         write_json(json_out, result)
 
 
-def _solve_and_write(source, options, cands, method, cal, size_budget, target_bpw, out: Path, memory=None,
+def _check_candidates(cands: list[str], fmt_name: str | None, method: str):
+    """The output format the candidates are planned for; refuses unknown names, mixed families, and candidates
+    the format cannot hold (naming them and why)."""
+    from qtool.errors import UsageError
+    from qtool.formats.registry import family, rule_fields
+    from qtool.outputs import OUTPUT_FORMATS, output_format
+    from qtool.plan import Rule
+
+    if not cands:
+        raise UsageError("--candidates: give at least one codec")
+    fields = {c: rule_fields(c) for c in cands}  # unknown names: UsageError listing the spellings
+    families = {family(c) for c in cands}
+    if len(families) > 1:
+        raise UsageError(f"--candidates mix GGUF types and HF codecs ({', '.join(cands)}); one plan writes one format")
+    fam = families.pop()
+    name = fmt_name or {"gguf": "gguf", "int": "compressed-tensors", "bnb": "bnb"}[fam]
+    if name not in OUTPUT_FORMATS:
+        raise UsageError(f"--format {name}: unknown; allowed: {', '.join(OUTPUT_FORMATS)}")
+    fmt = output_format(name)
+    for c in cands:
+        why = fmt.refuse(Rule(match=".*", method=method, **fields[c]))
+        if why is not None:
+            raise UsageError(f"--candidates {c}: --format {name} cannot hold it: {why[1]}")
+    return fmt
+
+
+def _scale_dtype(source, fmt):
+    """What int codecs store their scales in for this format (what the plan's resolution will use)."""
+    import torch
+
+    return torch.float16 if fmt.fp16_scales else source.dtype
+
+
+def _solve_and_write(source, fmt, options, cands, method, cal, size_budget, target_bpw, out: Path, memory=None,
                      report: Path | None = None) -> dict:
     """Budget -> solve -> plan text (exact size computed on the final plan) -> atomic write; the JSON report."""
     import os
 
     from qtool.engine.sinks import predict_gguf_bytes
     from qtool.errors import UsageError
-    from qtool.formats.gguf_base import gguf_codec
     from qtool.io.arch import arch_of
     from qtool.io.gguf_writer import GGUF_FLOAT, _pad
     from qtool.plan import parse_plan
@@ -156,20 +193,29 @@ def _solve_and_write(source, options, cands, method, cal, size_budget, target_bp
 
     arch = arch_of(source.config)
     shapes = {n: tuple(source.shape(n + ".weight")) for n in options}
-    float_type = GGUF_FLOAT[getattr(source, "float_dtype", source.dtype)]
+    gguf = fmt.name == "gguf"
+
+    def output(mix: str) -> dict:
+        return {"format": "gguf", "type": mix} if gguf else {"format": fmt.name}
 
     def layout(picks: dict[str, str], mix: str):
-        text = plan_text(picks, options, method=method, mix=mix, calibration=cal, header=[])
-        return predict_gguf_bytes(source, arch, parse_plan(text, where=str(out)), shapes, float_type)
+        if not gguf:  # HF: the tensor data (safetensors headers and config.json are a few kB, not counted)
+            fl = _hf_float_bytes(source, arch, set(options))
+            return _Layout(fl, fl)
+        text = plan_text(picks, options, method=method, output=output(mix), calibration=cal, header=[])
+        return predict_gguf_bytes(source, arch, parse_plan(text, where=str(out)), shapes,
+                                  GGUF_FLOAT[getattr(source, "float_dtype", source.dtype)])
 
     # an upper bound of the fixed part: every rule names its longest option, the mix name is 6 characters (the
     # longest llama.cpp mix names are); the written plan differs only in those names
     longest = {n: max((o.codec for o in opts), key=lambda c: (len(c), c)) for n, opts in options.items()}
     ub = layout(longest, "Q4_K_M")
-    items = {n: [Choice(o.codec, _pad(o.bytes), o.cost) for o in opts] for n, opts in options.items()}
+    pad = _pad if gguf else (lambda n: n)  # GGUF aligns every tensor's data to 32 bytes
+    items = {n: [Choice(o.codec, pad(o.bytes), o.cost) for o in opts] for n, opts in options.items()}
     lo, hi = feasible_range(items)
     if size_budget is not None:  # the whole file
-        offset, describe = ub.fixed, f"{size_budget:,} bytes (whole file)"
+        offset = ub.fixed
+        describe = f"{size_budget:,} bytes ({'whole file' if gguf else 'tensor data'})"
         if memory is not None:
             describe = (f"memory {size_budget + memory.overhead:,} bytes = file <= {size_budget:,} bytes + "
                         f"{memory.terms}")
@@ -188,15 +234,16 @@ def _solve_and_write(source, options, cands, method, cal, size_budget, target_bp
     if budget > hi:
         warnings.append(f"the budget is above the largest useful mix ({(hi + offset) / 1e6:.3f} MB): every tensor "
                         "takes its least-cost type")
-    mix = mix_name(sol.picks, options)
+    mix = mix_name(sol.picks, options) if gguf else ""
     final = layout(sol.picks, mix)
-    q_data = sum(_pad(gguf_codec(t).nbytes(shapes[n])) for n, t in sol.picks.items())
+    q_data = sum(pad(next(o.bytes for o in options[n] if o.codec == t)) for n, t in sol.picks.items())
     predicted = final.fixed + q_data
     n_weights = sum(_numel(source.shape(n)) for n in source.names())
-    header = [f"qtool sensitivity ({method} costs, proxy mode): one GGUF type per tensor, least predicted cost",
-              f"budget: {describe}; predicted file size {predicted:,} bytes; predicted cost {sol.cost:.6g}"
+    header = [f"qtool sensitivity ({method} costs, proxy mode): one {'GGUF type' if gguf else 'codec'} per tensor, "
+              "least predicted cost",
+              f"budget: {describe}; predicted {'file size' if gguf else 'tensor data'} {predicted:,} bytes; predicted cost {sol.cost:.6g}"
               f"{' (optimal)' if sol.optimal else f' (LP lower bound {sol.lower_bound:.6g})'}"]
-    text = plan_text(sol.picks, options, method=method, mix=mix, calibration=cal, header=header)
+    text = plan_text(sol.picks, options, method=method, output=output(mix), calibration=cal, header=header)
     parse_plan(text, where=str(out))  # the plan qtool itself will read
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -209,7 +256,8 @@ def _solve_and_write(source, options, cands, method, cal, size_budget, target_bp
         report.mkdir(parents=True, exist_ok=True)
         fixed = ub.fixed  # the plot shows whole-file sizes (within the plan text's few bytes)
         pts = [(b + fixed, c) for b, c in frontier(items, lo, hi)]
-        named = {m: (b + fixed, c) for m, (b, c) in named_mixes(source.config, arch, options, shapes).items()}
+        named = ({m: (b + fixed, c) for m, (b, c) in named_mixes(source.config, arch, options, shapes).items()}
+                 if gguf else {})
         rp.frontier_plot(report / "frontier.png", pts, (predicted, sol.cost), named)
         rp.cost_heatmap(report / "costs.png", options, sol.picks, source.config.num_hidden_layers, cands)
         plots = {"frontier": str(report / "frontier.png"), "costs": str(report / "costs.png"),
@@ -225,6 +273,19 @@ def _solve_and_write(source, options, cands, method, cal, size_budget, target_bp
             "picks": dict(sorted(sol.picks.items())), "warnings": warnings, "report": plots,
             "options": {n: [{"codec": o.codec, "bytes": o.bytes, "cost": o.cost} for o in opts]
                         for n, opts in sorted(options.items())}}
+
+
+class _Layout(NamedTuple):
+    fixed: int  # bytes besides the quantized tensors
+    float_data: int  # of which float tensors' data
+
+
+def _hf_float_bytes(source, arch, quantized: set[str]) -> int:
+    """Bytes of the float tensors an HF artifact holds (embeddings, norms, biases, an untied head), in the
+    artifact's dtype (the source's)."""
+    size = source.dtype.itemsize
+    skip = {n + ".weight" for n in quantized} | ({arch.lm_head} if source.config.tie_word_embeddings else set())
+    return sum(_numel(source.shape(n)) * size for n in source.names() if n not in skip)
 
 
 def _numel(shape) -> int:

@@ -37,13 +37,22 @@ class Option:
 
 
 def options_for(candidates: list[str], cols: int) -> list[str]:
-    """The types tensor rows of `cols` elements can take for `candidates` (fallbacks for those that do not fit)."""
+    """The types tensor rows of `cols` elements can take for `candidates` (GGUF: the fallbacks of those that do not
+    fit; other codecs: those whose groups divide the rows)."""
+    from qtool.errors import IndivisibleError
     from qtool.formats.gguf_base import gguf_codec
     from qtool.formats.gguf_mixes import FALLBACK_CANDIDATES, fallback
+    from qtool.formats.registry import codec, family
 
     out: list[str] = []
     for c in candidates:
-        if cols % gguf_codec(c).block_size == 0:
+        if family(c) != "gguf":
+            try:
+                codec(c).check_shape((1, cols))
+                names = [c]
+            except IndivisibleError:
+                names = []
+        elif cols % gguf_codec(c).block_size == 0:
             names = [c]
         else:
             fb = fallback(c, cols).type
@@ -58,10 +67,11 @@ def sample_rows(w: torch.Tensor, n: int = SAMPLE_ROWS) -> torch.Tensor:
     return w[torch.linspace(0, w.shape[0] - 1, n).round().long()]
 
 
-def linear_costs(w: torch.Tensor, hessian: torch.Tensor, types: list[str], method: str = "rtn") -> dict[str, float]:
+def linear_costs(w: torch.Tensor, hessian: torch.Tensor, types: list[str], method: str = "rtn",
+                 scale_dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """{type: tr(ΔW H ΔWᵀ)} of weight `w` (out, in) through `method` (rtn | gptq), estimated on sampled rows."""
     from qtool.engine.run import quantize_weight
-    from qtool.formats.gguf_base import gguf_codec
+    from qtool.formats.registry import codec, rule_fields
     from qtool.plan import LayerSpec, Rule
 
     ws = sample_rows(w.float())
@@ -70,8 +80,8 @@ def linear_costs(w: torch.Tensor, hessian: torch.Tensor, types: list[str], metho
     imp = torch.diagonal(h).clamp_min(0)
     out = {}
     for t in types:
-        spec = LayerSpec("sensitivity", 0, method, gguf_codec(t), rule=Rule(match=".*", method=method, codec=t,
-                                                                         act_order=method == "gptq"))
+        rule = Rule(match=".*", method=method, act_order=method == "gptq", **rule_fields(t))
+        spec = LayerSpec("sensitivity", 0, method, codec(t, scale_dtype), rule=rule)
         qt, _ = quantize_weight(ws, spec, h, imp)
         d = ws - qt.dequantize()
         out[t] = float(((d @ h) * d).sum()) * scale
@@ -87,8 +97,10 @@ def embedding_costs(e: torch.Tensor, types: list[str]) -> dict[str, float]:
 
 
 def measure(source, stats, candidates: list[str], *, method: str = "rtn", fmt=None,
+            scale_dtype: torch.dtype = torch.float32,
             progress: Callable[[str, int, int], None] | None = None) -> dict[str, list[Option]]:
-    """{module name: options} for every decoder linear, the token embeddings and (untied) the output head.
+    """{module name: options} for every decoder linear, and for GGUF the token embeddings and (untied) the
+    output head (HF formats keep those float). `scale_dtype`: what int codecs store their scales in.
 
     `stats`: `calib.stats.Stats` of this model. Statistics written before the head's input was collected price
     the head like an embedding (its rows' squared error) and a tied embedding by its lookups only."""
@@ -103,17 +115,25 @@ def measure(source, stats, candidates: list[str], *, method: str = "rtn", fmt=No
     result: dict[str, list[Option]] = {}
 
     def options(name: str, shape: tuple[int, int], costs: dict[str, float]) -> list[Option]:
-        from qtool.formats.gguf_base import gguf_codec
+        from qtool.formats.registry import codec
 
-        return [Option(t, fmt.tensor_bytes(gguf_codec(t), shape), c) for t, c in costs.items()]
+        return [Option(t, fmt.tensor_bytes(codec(t, scale_dtype), shape, scale_dtype), c) for t, c in costs.items()]
 
     for i in range(n):
         for lin in arch.linears:
             name = arch.block_prefix(i) + lin
             w = source.get(name + ".weight")
             types = options_for(candidates, w.shape[1])
-            result[name] = options(name, tuple(w.shape), linear_costs(w, stats.of(name).hessian, types, method))
+            if not types:
+                from qtool.errors import UsageError
+
+                raise UsageError(f"{name}: no candidate fits its rows of {w.shape[1]} (candidates: "
+                                 f"{', '.join(candidates)}); add one whose groups divide {w.shape[1]}")
+            result[name] = options(name, tuple(w.shape), linear_costs(w, stats.of(name).hessian, types, method,
+                                                                      scale_dtype))
         progress("costs", i + 1, n + 1)
+    if fmt.name != "gguf":  # HF formats keep the embeddings and the head in float
+        return result
     from qtool.calib.stats import HEAD_INPUT
 
     head_h = stats.tensors[stats.inputs[HEAD_INPUT]].hessian if HEAD_INPUT in stats.inputs else None

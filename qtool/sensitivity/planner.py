@@ -51,18 +51,24 @@ def mix_name(picks: dict[str, str], options: dict[str, list[Option]]) -> str:
     return "Q4_K_M"
 
 
-def plan_text(picks: dict[str, str], options: dict[str, list[Option]], *, method: str, mix: str,
+def plan_text(picks: dict[str, str], options: dict[str, list[Option]], *, method: str, output: dict,
               calibration: dict | None, header: list[str]) -> str:
-    """One rule per tensor (exact-name regex), commented with its predicted cost and bytes; GGUF output."""
+    """One rule per tensor (exact-name regex), commented with its predicted cost and bytes."""
+    from qtool.formats.registry import rule_fields
+
     lines = [f"# {h}" for h in header]
     lines.append("rules:")
     for name in sorted(picks):
         o = next(o for o in options[name] if o.codec == picks[name])
         m = method if name not in ("model.embed_tokens", "lm_head") else "rtn"
-        extra = ", act_order: true" if m == "gptq" else ""
-        lines.append(f"  - {{match: '^{re.escape(name)}$', method: {m}, codec: {picks[name]}{extra}}}"
-                     f"  # cost {o.cost:.4e}, {o.bytes} bytes")
-    lines.append(f"output: {{format: gguf, type: {mix}}}")
+        fields = {"method": m, **rule_fields(picks[name])}
+        if fields.get("group_size") == 0:
+            fields["group_size"] = "channel"
+        if m == "gptq":
+            fields["act_order"] = True
+        body = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items())
+        lines.append(f"  - {{match: '^{re.escape(name)}$', {body}}}  # cost {o.cost:.4e}, {o.bytes} bytes")
+    lines.append("output: {" + ", ".join(f"{k}: {v}" for k, v in output.items()) + "}")
     if calibration:
         body = ", ".join(f"{k}: {v}" for k, v in calibration.items())
         lines.append(f"calibration: {{{body}}}")

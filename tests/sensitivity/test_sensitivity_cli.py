@@ -71,7 +71,10 @@ def test_bpw_budget_counts_every_weight(sized, tiny_llama, tmp_path):
 @pytest.mark.parametrize("args, msg", [
     (["--target-size", "200kB"], "feasible: "),
     (["--target-size", "2MB", "--target-bpw", "4"], "give one budget"),
-    (["--target-size", "2MB", "--candidates", "q4_k,q9_k"], "unknown type q9_k"),
+    (["--target-size", "2MB", "--candidates", "q4_k,q9_k"], "unknown codec 'q9_k'"),
+    (["--target-size", "2MB", "--candidates", "q4_k,int4_g64_asym"], "mix GGUF types and HF codecs"),
+    (["--target-size", "2MB", "--candidates", "int4_g64_asym", "--format", "gptq"], "stores zero-1"),
+    (["--target-memory", "2GB", "--candidates", "int4_g64_asym"], "HF formats take --target-size"),
     (["--target-size", "lots"], "expected a size"),
     (["--target-size", "2MB", "--mode", "measured"], "proxy costs only"),
 ])
@@ -101,3 +104,36 @@ def test_memory_target_leaves_room_for_the_kv_cache(tiny_llama, tmp_path):
     assert "KV cache" in (tmp_path / "m.yaml").read_text().splitlines()[1]
     r = sens(tiny_llama, tmp_path / "x.yaml", "--target-memory", "1MB", "--ctx", "65536")
     assert r.exit_code == 2 and "KV cache and compute buffers alone" in r.stderr
+
+
+def test_options_for_rows_that_do_not_fit():
+    """k-quants on 576-wide rows (SmolLM2) become the 32-element types llama.cpp falls back to (and those no
+    larger): a GGUF file can hold nothing else there."""
+    from qtool.sensitivity.costs import options_for
+
+    ks = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"]
+    assert options_for(ks, 1536) == ks
+    assert options_for(ks, 576) == ["q4_0", "iq4_nl", "q4_1", "q5_0", "q5_1", "q8_0"]
+    assert options_for(["q4_k", "q4_k"], 512) == ["q4_k"]
+
+
+def test_hf_codecs_plan_a_compressed_tensors_mix(tiny_llama, tmp_path):
+    """Int candidates plan a mixed-precision compressed-tensors artifact whose tensor bytes are the predicted ones
+    (embeddings and head stay float there) and which qtool's own loader reads."""
+    out = tmp_path / "hf.yaml"
+    r = runner.invoke(app, ["sensitivity", str(tiny_llama), "--out", str(out), *CAL, "--candidates",
+                            "int3_g64_asym,int4_g64_asym,int8_ch_sym", "--target-size", "1.5MB", "--json",
+                            str(tmp_path / "hf.json")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "hf.json").read_text())
+    assert set(rep["picks"].values()) <= {"int3_g64_asym", "int4_g64_asym", "int8_ch_sym"}
+    assert len(set(rep["picks"].values())) >= 2  # a real mix at this budget
+    assert "model.embed_tokens" not in rep["picks"]
+    body = yaml.safe_load(out.read_text())
+    assert body["output"] == {"format": "compressed-tensors"}
+    art = tmp_path / "art"
+    r = runner.invoke(app, ["quantize", str(tiny_llama), "--plan", str(out), "--out", str(art), "--json",
+                            str(tmp_path / "q.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "q.json").read_text())["total_bytes"] == rep["predicted_bytes"]
+    assert rep["predicted_bytes"] <= 1_500_000
