@@ -55,7 +55,10 @@ def sensitivity(
     kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16 or q8_0.")] = "f16",
     method: Annotated[str, typer.Option("--method", "-m", help="rtn or gptq: the method the plan uses (and its costs).")]
     = "rtn",
-    mode: Annotated[str, typer.Option("--mode", help="proxy (per-tensor output error; this version).")] = "proxy",
+    mode: Annotated[str, typer.Option("--mode", help="proxy (each tensor's own output error) or measured (its block's "
+                                      "output error x the block's downstream KL sensitivity: KL units).")] = "proxy",
+    measure_tokens: Annotated[int, typer.Option("--measure-tokens", min=64, help="Token budget of --mode measured "
+                                                "(sequences of --seq-len from the calibration text).")] = 2048,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text/JSONL file.")] = None,
     stats: Annotated[Optional[Path], typer.Option("--stats", help="Statistics directory from `qtool calibrate`.")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration sequences.")] = 128,
@@ -82,8 +85,8 @@ def sensitivity(
         if sum(x is not None for x in (target_size, target_bpw, target_memory)) != 1:
             raise UsageError("give one budget: --target-size (e.g. 95MB), --target-bpw (e.g. 4.5) or --target-memory "
                              "(e.g. 2GiB, with --ctx)")
-        if mode != "proxy":
-            raise UsageError(f"--mode {mode}: this version measures proxy costs only (allowed: proxy)")
+        if mode not in ("proxy", "measured"):
+            raise UsageError(f"--mode {mode}: allowed proxy, measured")
         if method not in ("rtn", "gptq"):
             raise UsageError(f"--method {method}: allowed rtn, gptq")
         cands = [c.strip().lower() for c in candidates.split(",") if c.strip()]
@@ -124,13 +127,29 @@ def sensitivity(
                                    seq_len=seq_len)
                 s = st.collect(source, spec, progress=progress)
                 cal = {"source": spec.source, "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed}
-            from qtool.sensitivity.costs import measure
+            details = None
+            if mode == "proxy":
+                from qtool.sensitivity.costs import measure
 
-            options = measure(source, s, cands, method=method, fmt=fmt, scale_dtype=_scale_dtype(source, fmt),
-                              progress=progress)
+                options = measure(source, s, cands, method=method, fmt=fmt, scale_dtype=_scale_dtype(source, fmt),
+                                  progress=progress)
+            else:
+                from dataclasses import replace
+
+                from qtool.calib.data import calibration_tokens
+                from qtool.sensitivity import measured
+
+                spec = Calibration(**{k: v for k, v in cal.items() if k in ("source", "seq_len", "seed")})
+                spec = replace(spec, samples=max(1, measure_tokens // spec.seq_len))
+                ids = calibration_tokens(source, spec, source.load_tokenizer())
+                options, details = measured.measure(source, s, cands, ids, method=method, fmt=fmt,
+                                                    scale_dtype=_scale_dtype(source, fmt), progress=progress)
         result = _solve_and_write(source, fmt, options, cands, method, cal, size_budget, target_bpw, out, memory,
-                                  report)
+                                  report, mode)
         result["seconds"] = round(time.perf_counter() - t0, 1)
+        result["mode"] = mode
+        if details is not None:
+            result["measured"] = details
         console.print(f"[green]plan[/] {escape(str(out))}: {len(result['picks'])} tensors, predicted "
                       f"{human_bytes(result['predicted_bytes'])} ({result['predicted_bytes']:,} bytes; budget "
                       f"{result['budget']}), predicted cost {result['cost']:.4g}"
@@ -179,7 +198,7 @@ def _scale_dtype(source, fmt):
 
 
 def _solve_and_write(source, fmt, options, cands, method, cal, size_budget, target_bpw, out: Path, memory=None,
-                     report: Path | None = None) -> dict:
+                     report: Path | None = None, mode: str = "proxy") -> dict:
     """Budget -> solve -> plan text (exact size computed on the final plan) -> atomic write; the JSON report."""
     import os
 
@@ -239,7 +258,7 @@ def _solve_and_write(source, fmt, options, cands, method, cal, size_budget, targ
     q_data = sum(pad(next(o.bytes for o in options[n] if o.codec == t)) for n, t in sol.picks.items())
     predicted = final.fixed + q_data
     n_weights = sum(_numel(source.shape(n)) for n in source.names())
-    header = [f"qtool sensitivity ({method} costs, proxy mode): one {'GGUF type' if gguf else 'codec'} per tensor, "
+    header = [f"qtool sensitivity ({method} costs, {mode} mode): one {'GGUF type' if gguf else 'codec'} per tensor, "
               "least predicted cost",
               f"budget: {describe}; predicted {'file size' if gguf else 'tensor data'} {predicted:,} bytes; predicted cost {sol.cost:.6g}"
               f"{' (optimal)' if sol.optimal else f' (LP lower bound {sol.lower_bound:.6g})'}"]

@@ -76,7 +76,7 @@ def test_bpw_budget_counts_every_weight(sized, tiny_llama, tmp_path):
     (["--target-size", "2MB", "--candidates", "int4_g64_asym", "--format", "gptq"], "stores zero-1"),
     (["--target-memory", "2GB", "--candidates", "int4_g64_asym"], "HF formats take --target-size"),
     (["--target-size", "lots"], "expected a size"),
-    (["--target-size", "2MB", "--mode", "measured"], "proxy costs only"),
+    (["--target-size", "2MB", "--mode", "exact"], "allowed proxy, measured"),
 ])
 def test_bad_input(tiny_llama, tmp_path, args, msg):
     r = runner.invoke(app, ["sensitivity", str(tiny_llama), "--out", str(tmp_path / "p.yaml"), *CAL, *args])
@@ -137,3 +137,23 @@ def test_hf_codecs_plan_a_compressed_tensors_mix(tiny_llama, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "q.json").read_text())["total_bytes"] == rep["predicted_bytes"]
     assert rep["predicted_bytes"] <= 1_500_000
+
+
+def test_measured_mode_prices_in_kl_units(tiny_llama, tmp_path):
+    """Measured costs: each block's output error x its downstream sensitivity (KL per squared error, measured
+    by a probe); the embeddings priced by their own KL. Cheaper types cost more, sensitivities are positive, and
+    the plan converts to exactly the predicted bytes like a proxy plan."""
+    out = tmp_path / "m.yaml"
+    r = sens(tiny_llama, out, "--target-size", "0.9MB", "--mode", "measured", "--measure-tokens", "128")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "m.yaml.json").read_text())
+    assert rep["mode"] == "measured" and len(rep["measured"]["block_sensitivity"]) == 2
+    assert all(v > 0 for v in rep["measured"]["block_sensitivity"].values())
+    for name, opts in rep["options"].items():
+        by = {o["codec"]: o["cost"] for o in opts}
+        assert by["q3_k"] > by["q8_0"] >= 0, name
+    assert "model.embed_tokens" in rep["options"]
+    gg = tmp_path / "m.gguf"
+    r = runner.invoke(app, ["convert-gguf", str(tiny_llama), "--plan", str(out), "--out", str(gg)])
+    assert r.exit_code == 0, r.output
+    assert gg.stat().st_size == rep["predicted_bytes"]
