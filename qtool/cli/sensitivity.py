@@ -66,6 +66,9 @@ def sensitivity(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     report: Annotated[Optional[Path], typer.Option("--report", help="Directory for PNG plots: per-tensor cost heatmaps "
                                                    "and the size-vs-cost frontier with llama.cpp's named mixes.")] = None,
+    cache_dir: Annotated[Path, typer.Option("--cache", help="Where measured costs are kept for the next budget.")]
+    = Path.home() / ".cache" / "qtool" / "sensitivity",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Measure again; store nothing.")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the report as JSON ('-' = stdout).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the checkpoint.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
@@ -127,8 +130,18 @@ def sensitivity(
                                    seq_len=seq_len)
                 s = st.collect(source, spec, progress=progress)
                 cal = {"source": spec.source, "samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed}
+            from qtool.sensitivity import cache as costs_cache
+
+            ck = costs_cache.key(model=source.digest(), tokens=s.tokens_digest, calibration=cal, candidates=cands,
+                                 method=method, mode=mode, measure_tokens=measure_tokens if mode == "measured" else 0,
+                                 format=fmt.name, scale_dtype=str(_scale_dtype(source, fmt)))
+            hit = None if no_cache else costs_cache.load(cache_dir, ck)
             details = None
-            if mode == "proxy":
+            if hit is not None:
+                options, details = hit
+                console.print(f"[cyan]costs[/]: reused from {escape(str(cache_dir))} (same model, statistics, "
+                              "candidates, method and mode)", highlight=False)
+            elif mode == "proxy":
                 from qtool.sensitivity.costs import measure
 
                 options = measure(source, s, cands, method=method, fmt=fmt, scale_dtype=_scale_dtype(source, fmt),
@@ -144,6 +157,8 @@ def sensitivity(
                 ids = calibration_tokens(source, spec, source.load_tokenizer())
                 options, details = measured.measure(source, s, cands, ids, method=method, fmt=fmt,
                                                     scale_dtype=_scale_dtype(source, fmt), progress=progress)
+            if hit is None and not no_cache:
+                costs_cache.save(cache_dir, ck, options, details)
         result = _solve_and_write(source, fmt, options, cands, method, cal, size_budget, target_bpw, out, memory,
                                   report, mode)
         result["seconds"] = round(time.perf_counter() - t0, 1)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from qtool.cli.app import app
 
 runner = CliRunner()
-CAL = ["--samples", "4", "--seq-len", "32"]
+CAL = ["--samples", "4", "--seq-len", "32", "--no-cache"]
 
 
 def sens(model, out, *args):
@@ -157,3 +157,17 @@ def test_measured_mode_prices_in_kl_units(tiny_llama, tmp_path):
     r = runner.invoke(app, ["convert-gguf", str(tiny_llama), "--plan", str(out), "--out", str(gg)])
     assert r.exit_code == 0, r.output
     assert gg.stat().st_size == rep["predicted_bytes"]
+
+
+def test_second_budget_reuses_the_costs(tiny_llama, tmp_path):
+    """The costs of one model/statistics/candidates/method/mode are measured once; a second budget reuses them
+    (and gives the plan a fresh measurement would)."""
+    base = ["sensitivity", str(tiny_llama), "--candidates", "q3_k,q4_k,q6_k,q8_0", "--samples", "4", "--seq-len", "32",
+            "--cache", str(tmp_path / "cache")]
+    r1 = runner.invoke(app, base + ["--target-size", "0.9MB", "--out", str(tmp_path / "a.yaml")])
+    assert r1.exit_code == 0 and "reused" not in r1.output
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    r2 = runner.invoke(app, base + ["--target-size", "1.0MB", "--out", str(tmp_path / "b.yaml")])
+    assert r2.exit_code == 0 and "reused" in r2.output
+    r3 = runner.invoke(app, base + ["--target-size", "1.0MB", "--out", str(tmp_path / "c.yaml"), "--no-cache"])
+    assert r3.exit_code == 0 and (tmp_path / "b.yaml").read_text() == (tmp_path / "c.yaml").read_text()
