@@ -28,7 +28,7 @@ CANDIDATES = "q2_k,q3_k,q4_k,q5_k,q6_k,q8_0"
 def main() -> None:
     ap = base_parser(__doc__)
     ap.add_argument("--methods", default="rtn")
-    ap.add_argument("--modes", default="measured,proxy")
+    ap.add_argument("--modes", default="measured")  # add proxy to compare the modes (6 more runs)
     args = ap.parse_args()
     from qtool.eval import llamacpp
 
