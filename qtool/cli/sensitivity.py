@@ -4,7 +4,7 @@ the plan (flags -> statistics -> costs -> solve -> plan file; the work is in `qt
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NamedTuple, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -93,7 +93,9 @@ def sensitivity(
         if method not in ("rtn", "gptq"):
             raise UsageError(f"--method {method}: allowed rtn, gptq")
         cands = [c.strip().lower() for c in candidates.split(",") if c.strip()]
-        fmt = _check_candidates(cands, fmt_name, method)
+        from qtool.sensitivity.planner import check_candidates, scale_dtype, write_plan
+
+        fmt = check_candidates(cands, fmt_name, method)
         if calib is not None and stats is not None:
             raise UsageError("--calib and --stats both give statistics; pass one of them")
         if calib is not None and not calib.is_file():
@@ -134,7 +136,7 @@ def sensitivity(
 
             ck = costs_cache.key(model=source.digest(), tokens=s.tokens_digest, calibration=cal, candidates=cands,
                                  method=method, mode=mode, measure_tokens=measure_tokens if mode == "measured" else 0,
-                                 format=fmt.name, scale_dtype=str(_scale_dtype(source, fmt)))
+                                 format=fmt.name, scale_dtype=str(scale_dtype(source, fmt)))
             hit = None if no_cache else costs_cache.load(cache_dir, ck)
             details = None
             if hit is not None:
@@ -144,7 +146,7 @@ def sensitivity(
             elif mode == "proxy":
                 from qtool.sensitivity.costs import measure
 
-                options = measure(source, s, cands, method=method, fmt=fmt, scale_dtype=_scale_dtype(source, fmt),
+                options = measure(source, s, cands, method=method, fmt=fmt, scale_dtype=scale_dtype(source, fmt),
                                   progress=progress)
             else:
                 from dataclasses import replace
@@ -156,10 +158,10 @@ def sensitivity(
                 spec = replace(spec, samples=max(1, measure_tokens // spec.seq_len))
                 ids = calibration_tokens(source, spec, source.load_tokenizer())
                 options, details = measured.measure(source, s, cands, ids, method=method, fmt=fmt,
-                                                    scale_dtype=_scale_dtype(source, fmt), progress=progress)
+                                                    scale_dtype=scale_dtype(source, fmt), progress=progress)
             if hit is None and not no_cache:
                 costs_cache.save(cache_dir, ck, options, details)
-        result = _solve_and_write(source, fmt, options, cands, method, cal, size_budget, target_bpw, out, memory,
+        result = write_plan(source, fmt, options, cands, method, cal, size_budget, target_bpw, out, memory,
                                   report, mode)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         result["mode"] = mode
@@ -177,156 +179,6 @@ def sensitivity(
         for w in result["warnings"]:
             warn(w)
         write_json(json_out, result)
-
-
-def _check_candidates(cands: list[str], fmt_name: str | None, method: str):
-    """The output format the candidates are planned for; refuses unknown names, mixed families, and candidates
-    the format cannot hold (naming them and why)."""
-    from qtool.errors import UsageError
-    from qtool.formats.registry import family, rule_fields
-    from qtool.outputs import OUTPUT_FORMATS, output_format
-    from qtool.plan import Rule
-
-    if not cands:
-        raise UsageError("--candidates: give at least one codec")
-    fields = {c: rule_fields(c) for c in cands}  # unknown names: UsageError listing the spellings
-    families = {family(c) for c in cands}
-    if len(families) > 1:
-        raise UsageError(f"--candidates mix GGUF types and HF codecs ({', '.join(cands)}); one plan writes one format")
-    fam = families.pop()
-    name = fmt_name or {"gguf": "gguf", "int": "compressed-tensors", "bnb": "bnb"}[fam]
-    if name not in OUTPUT_FORMATS:
-        raise UsageError(f"--format {name}: unknown; allowed: {', '.join(OUTPUT_FORMATS)}")
-    fmt = output_format(name)
-    for c in cands:
-        why = fmt.refuse(Rule(match=".*", method=method, **fields[c]))
-        if why is not None:
-            raise UsageError(f"--candidates {c}: --format {name} cannot hold it: {why[1]}")
-    return fmt
-
-
-def _scale_dtype(source, fmt):
-    """What int codecs store their scales in for this format (what the plan's resolution will use)."""
-    import torch
-
-    return torch.float16 if fmt.fp16_scales else source.dtype
-
-
-def _solve_and_write(source, fmt, options, cands, method, cal, size_budget, target_bpw, out: Path, memory=None,
-                     report: Path | None = None, mode: str = "proxy") -> dict:
-    """Budget -> solve -> plan text (exact size computed on the final plan) -> atomic write; the JSON report."""
-    import os
-
-    from qtool.engine.sinks import predict_gguf_bytes
-    from qtool.errors import UsageError
-    from qtool.io.arch import arch_of
-    from qtool.io.gguf_writer import GGUF_FLOAT, _pad
-    from qtool.plan import parse_plan
-    from qtool.sensitivity.planner import mix_name, plan_text
-    from qtool.sensitivity.solve import Choice, feasible_range, solve
-
-    arch = arch_of(source.config)
-    shapes = {n: tuple(source.shape(n + ".weight")) for n in options}
-    gguf = fmt.name == "gguf"
-
-    def output(mix: str) -> dict:
-        return {"format": "gguf", "type": mix} if gguf else {"format": fmt.name}
-
-    def layout(picks: dict[str, str], mix: str):
-        if not gguf:  # HF: the tensor data (safetensors headers and config.json are a few kB, not counted)
-            fl = _hf_float_bytes(source, arch, set(options))
-            return _Layout(fl, fl)
-        text = plan_text(picks, options, method=method, output=output(mix), calibration=cal, header=[])
-        return predict_gguf_bytes(source, arch, parse_plan(text, where=str(out)), shapes,
-                                  GGUF_FLOAT[getattr(source, "float_dtype", source.dtype)])
-
-    # an upper bound of the fixed part: every rule names its longest option, the mix name is 6 characters (the
-    # longest llama.cpp mix names are); the written plan differs only in those names
-    longest = {n: max((o.codec for o in opts), key=lambda c: (len(c), c)) for n, opts in options.items()}
-    ub = layout(longest, "Q4_K_M")
-    pad = _pad if gguf else (lambda n: n)  # GGUF aligns every tensor's data to 32 bytes
-    items = {n: [Choice(o.codec, pad(o.bytes), o.cost) for o in opts] for n, opts in options.items()}
-    lo, hi = feasible_range(items)
-    if size_budget is not None:  # the whole file
-        offset = ub.fixed
-        describe = f"{size_budget:,} bytes ({'whole file' if gguf else 'tensor data'})"
-        if memory is not None:
-            describe = (f"memory {size_budget + memory.overhead:,} bytes = file <= {size_budget:,} bytes + "
-                        f"{memory.terms}")
-        budget = size_budget - offset
-    else:  # tensor data only: floats + quantized, per weight of the file
-        n_weights = sum(_numel(source.shape(n)) for n in source.names())
-        offset, describe = ub.float_data, f"{target_bpw:g} bits/weight over {n_weights:,} weights"
-        budget = int(target_bpw * n_weights / 8) - offset
-    if budget < lo:
-        raise UsageError(f"budget {describe} is below the smallest mix of these candidates: it needs at least "
-                         f"{lo + offset:,} bytes ({(lo + offset) / 1e6:.3f} MB"
-                         f"{'' if size_budget is not None else ' of tensor data'}); feasible: "
-                         f"{(lo + offset) / 1e6:.3f} MB - {(hi + offset) / 1e6:.3f} MB")
-    sol = solve(items, budget)
-    warnings = []
-    if budget > hi:
-        warnings.append(f"the budget is above the largest useful mix ({(hi + offset) / 1e6:.3f} MB): every tensor "
-                        "takes its least-cost type")
-    mix = mix_name(sol.picks, options) if gguf else ""
-    final = layout(sol.picks, mix)
-    q_data = sum(pad(next(o.bytes for o in options[n] if o.codec == t)) for n, t in sol.picks.items())
-    predicted = final.fixed + q_data
-    n_weights = sum(_numel(source.shape(n)) for n in source.names())
-    header = [f"qtool sensitivity ({method} costs, {mode} mode): one {'GGUF type' if gguf else 'codec'} per tensor, "
-              "least predicted cost",
-              f"budget: {describe}; predicted {'file size' if gguf else 'tensor data'} {predicted:,} bytes; predicted cost {sol.cost:.6g}"
-              f"{' (optimal)' if sol.optimal else f' (LP lower bound {sol.lower_bound:.6g})'}"]
-    text = plan_text(sol.picks, options, method=method, output=output(mix), calibration=cal, header=header)
-    parse_plan(text, where=str(out))  # the plan qtool itself will read
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, out)
-    plots = {}
-    if report is not None:
-        from qtool.sensitivity import report as rp
-        from qtool.sensitivity.planner import frontier, named_mixes
-
-        report.mkdir(parents=True, exist_ok=True)
-        fixed = ub.fixed  # the plot shows whole-file sizes (within the plan text's few bytes)
-        pts = [(b + fixed, c) for b, c in frontier(items, lo, hi)]
-        named = ({m: (b + fixed, c) for m, (b, c) in named_mixes(source.config, arch, options, shapes).items()}
-                 if gguf else {})
-        rp.frontier_plot(report / "frontier.png", pts, (predicted, sol.cost), named)
-        rp.cost_heatmap(report / "costs.png", options, sol.picks, source.config.num_hidden_layers, cands)
-        plots = {"frontier": str(report / "frontier.png"), "costs": str(report / "costs.png"),
-                 "frontier_points": pts, "named_mixes": named}
-    return {"out": str(out), "budget": describe, "budget_bytes": size_budget, "target_bpw": target_bpw,
-            "predicted_bytes": predicted,
-            **({"memory": {"predicted_bytes": predicted + memory.overhead, "kv_cache_bytes": memory.kv_bytes,
-                           "compute_bytes": memory.compute_bytes, "kv_share": round(memory.kv_bytes / (
-                               predicted + memory.overhead), 4), "arithmetic": memory.terms}} if memory else {}),
-            "tensor_data_bytes": final.float_data + q_data, "weights": n_weights,
-            "bits_per_weight": round(8 * (final.float_data + q_data) / n_weights, 4), "cost": sol.cost, "optimal": sol.optimal, "lower_bound": sol.lower_bound,
-            "gap": (sol.cost - sol.lower_bound) / sol.cost if sol.cost > 0 else 0.0, "mix_name": mix,
-            "picks": dict(sorted(sol.picks.items())), "warnings": warnings, "report": plots,
-            "options": {n: [{"codec": o.codec, "bytes": o.bytes, "cost": o.cost} for o in opts]
-                        for n, opts in sorted(options.items())}}
-
-
-class _Layout(NamedTuple):
-    fixed: int  # bytes besides the quantized tensors
-    float_data: int  # of which float tensors' data
-
-
-def _hf_float_bytes(source, arch, quantized: set[str]) -> int:
-    """Bytes of the float tensors an HF artifact holds (embeddings, norms, biases, an untied head), in the
-    artifact's dtype (the source's)."""
-    size = source.dtype.itemsize
-    skip = {n + ".weight" for n in quantized} | ({arch.lm_head} if source.config.tie_word_embeddings else set())
-    return sum(_numel(source.shape(n)) * size for n in source.names() if n not in skip)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 sensitivity.__doc__ = ("Measure every tensor's cost at each candidate type and write the least-cost plan under a "
