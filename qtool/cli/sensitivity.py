@@ -53,7 +53,8 @@ def sensitivity(
     ctx: Annotated[int, typer.Option("--ctx", min=1, help="Context length the memory budget is for.")] = 8192,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Sequences in parallel (KV cache per sequence).")] = 1,
     kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16 or q8_0.")] = "f16",
-    method: Annotated[str, typer.Option("--method", "-m", help="rtn or gptq: the method the plan uses (and its costs).")]
+    method: Annotated[str, typer.Option("--method", "-m", help="rtn, gptq or awq-gptq: the method the plan uses (costs: "
+                                        "through rtn / gptq; awq-gptq is priced as gptq).")]
     = "rtn",
     mode: Annotated[str, typer.Option("--mode", help="proxy (each tensor's own output error) or measured (its block's "
                                       "output error x the block's downstream KL sensitivity: KL units).")] = "proxy",
@@ -90,8 +91,9 @@ def sensitivity(
                              "(e.g. 2GiB, with --ctx)")
         if mode not in ("proxy", "measured"):
             raise UsageError(f"--mode {mode}: allowed proxy, measured")
-        if method not in ("rtn", "gptq"):
-            raise UsageError(f"--method {method}: allowed rtn, gptq")
+        if method not in ("rtn", "gptq", "awq-gptq"):
+            raise UsageError(f"--method {method}: allowed rtn, gptq, awq-gptq")
+        cost_method = "gptq" if method == "awq-gptq" else method  # AWQ's scales are searched when the plan runs
         cands = [c.strip().lower() for c in candidates.split(",") if c.strip()]
         from qtool.sensitivity.planner import check_candidates, scale_dtype, write_plan
 
@@ -146,7 +148,7 @@ def sensitivity(
             elif mode == "proxy":
                 from qtool.sensitivity.costs import measure
 
-                options = measure(source, s, cands, method=method, fmt=fmt, scale_dtype=scale_dtype(source, fmt),
+                options = measure(source, s, cands, method=cost_method, fmt=fmt, scale_dtype=scale_dtype(source, fmt),
                                   progress=progress)
             else:
                 from dataclasses import replace
@@ -157,7 +159,7 @@ def sensitivity(
                 spec = Calibration(**{k: v for k, v in cal.items() if k in ("source", "seq_len", "seed")})
                 spec = replace(spec, samples=max(1, measure_tokens // spec.seq_len))
                 ids = calibration_tokens(source, spec, source.load_tokenizer())
-                options, details = measured.measure(source, s, cands, ids, method=method, fmt=fmt,
+                options, details = measured.measure(source, s, cands, ids, method=cost_method, fmt=fmt,
                                                     scale_dtype=scale_dtype(source, fmt), progress=progress)
             if hit is None and not no_cache:
                 costs_cache.save(cache_dir, ck, options, details)

@@ -52,10 +52,10 @@ def plan_text(picks: dict[str, str], options: dict[str, list[Option]], *, method
     for name in sorted(picks):
         o = next(o for o in options[name] if o.codec == picks[name])
         m = method if name not in ("model.embed_tokens", "lm_head") else "rtn"
-        fields = {"method": m, **rule_fields(picks[name])}
+        fields = {"method": "[awq, gptq]" if m == "awq-gptq" else m, **rule_fields(picks[name])}
         if fields.get("group_size") == 0:
             fields["group_size"] = "channel"
-        if m == "gptq":
+        if m in ("gptq", "awq-gptq"):
             fields["act_order"] = True
         body = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items())
         lines.append(f"  - {{match: '^{re.escape(name)}$', {body}}}  # cost {o.cost:.4e}, {o.bytes} bytes")
@@ -124,7 +124,7 @@ def check_candidates(cands: list[str], fmt_name: str | None, method: str):
         raise UsageError(f"--format {name}: unknown; allowed: {', '.join(OUTPUT_FORMATS)}")
     fmt = output_format(name)
     for c in cands:
-        why = fmt.refuse(Rule(match=".*", method=method, **fields[c]))
+        why = fmt.refuse(Rule(match=".*", method="gptq" if method == "awq-gptq" else method, **fields[c]))
         if why is not None:
             raise UsageError(f"--candidates {c}: --format {name} cannot hold it: {why[1]}")
     return fmt

@@ -171,3 +171,17 @@ def test_second_budget_reuses_the_costs(tiny_llama, tmp_path):
     assert r2.exit_code == 0 and "reused" in r2.output
     r3 = runner.invoke(app, base + ["--target-size", "1.0MB", "--out", str(tmp_path / "c.yaml"), "--no-cache"])
     assert r3.exit_code == 0 and (tmp_path / "b.yaml").read_text() == (tmp_path / "c.yaml").read_text()
+
+
+def test_awq_gptq_plan_converts_to_the_predicted_bytes(tiny_llama, tmp_path):
+    """--method awq-gptq: GPTQ-priced costs, rules `method: [awq, gptq]`; AWQ's folded scales change no size."""
+    out = tmp_path / "a.yaml"
+    r = sens(tiny_llama, out, "--target-size", "0.9MB", "--method", "awq-gptq")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "a.yaml.json").read_text())
+    rules = yaml.safe_load(out.read_text())["rules"]
+    assert all(r["method"] == (["awq", "gptq"] if "layers" in r["match"] else "rtn") for r in rules)
+    gg = tmp_path / "a.gguf"
+    r = runner.invoke(app, ["convert-gguf", str(tiny_llama), "--plan", str(out), "--out", str(gg)])
+    assert r.exit_code == 0, r.output
+    assert gg.stat().st_size == rep["predicted_bytes"]
