@@ -9,10 +9,10 @@ every linear layer) from the calibration text and uses it in its k-quant search,
 HF_DIR must be a local Hugging Face directory (config, safetensors, tokenizer): auto-round cannot read a GGUF
 as its source. No network: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE are set.
 
-Calibration: the text is cut, deterministically, into pieces of about SEQLEN*2 characters (most under SEQLEN
-tokens: auto-round truncates each piece to SEQLEN tokens, which drops ~7 % of calibration-mixed.txt), written as a
-JSON list of strings and passed as `--dataset FILE.json:concat=true`: auto-round tokenizes the pieces, shuffles
-them with its seed and packs the tokens into rows of exactly SEQLEN tokens, of which it keeps NSAMPLES. So it sees
+Calibration: the text is cut, deterministically, into pieces of about SEQLEN*5 characters (more than SEQLEN
+tokens each), written as a JSON list of strings and passed as `--dataset FILE.json`: auto-round tokenizes the
+pieces, keeps those of at least SEQLEN tokens, cuts each to SEQLEN, shuffles them with its seed and keeps NSAMPLES
+(its `:concat=true` packing fails on a JSON list in 0.16.1: 'list' object has no attribute 'shape'). So it sees
 the same file as the benchmark's llama-imatrix run (128 chunks of 512 tokens), but not the same 128 chunks.
 
 Mixes: auto-round's names (`auto_round list format`); Q2_K has no exact counterpart there and maps to Q2_K_S.
@@ -79,12 +79,12 @@ def main() -> int:
     work = (args.work or out.parent / f".{out.stem}.autoround").resolve()
     work.mkdir(parents=True, exist_ok=True)
     dataset = work / "calib.json"
-    pieces = text_pieces(args.calib.read_text(encoding="utf-8"), args.seqlen * 2)
+    pieces = text_pieces(args.calib.read_text(encoding="utf-8"), args.seqlen * 5)
     dataset.write_text(json.dumps(pieces, ensure_ascii=False), encoding="utf-8")
     export = work / "export"
 
     cmd = [args.python, "-m", "auto_round", "--model", str(args.model.resolve()), "--format", f"gguf:{mix}",
-           "--iters", "0", "--enable_opt_rtn", "--dataset", f"{dataset}:concat=true",
+           "--iters", "0", "--enable_opt_rtn", "--dataset", str(dataset),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
            "--device_map", "cpu", "--disable_torch_compile", "--output_dir", str(export)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
