@@ -145,16 +145,16 @@ def _embed_and_head(source, skel, runner, arch, ids, embed, head, hf, norm, cand
 
     out = {}
     types = options_for(candidates, embed.shape[1])
-    qe = {t: codec(t).encode(embed).dequantize() for t in types}
-    streams = {t: q[ids] for t, q in qe.items()}
+    streams = {t: codec(t).encode(embed).dequantize()[ids] for t in types}  # rows only: one table at a time
     for j in range(source.config.num_hidden_layers):
         prefix = arch.block_prefix(j)
         block = materialize(skel.get_submodule(prefix.rstrip(".")), prefix, source)
         for t in streams:
             streams[t] = run(block, streams[t])
         release(block)
-    with torch.no_grad():
-        costs = {t: logit_kld(hf, norm(s), head, qe[t] if tied else None)[0] for t, s in streams.items()}
+    with torch.no_grad():  # a tied table is the head too: decoded again, one at a time
+        costs = {t: logit_kld(hf, norm(s), head, codec(t).encode(embed).dequantize() if tied else None)[0]
+                 for t, s in streams.items()}
     out[EMBED] = [Option(t, fmt.tensor_bytes(codec(t), tuple(embed.shape)), c) for t, c in costs.items()]
     if not tied:
         types = options_for(candidates, head.shape[1])
