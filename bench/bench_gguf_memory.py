@@ -16,10 +16,43 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_gguf import timed  # noqa: E402
+from bench_gguf import timed  # noqa: E402,F401  (the F16 conversion keeps /usr/bin/time's numbers)
 
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def sampled(cmd: list, log: Path) -> dict:
+    """`timed`, plus the peaks of the process's anonymous and file-backed resident memory (/proc/PID/status,
+    every 0.2 s): a memory-mapped input counts in RSS as file pages the kernel can drop, not as the tool's own."""
+    import subprocess
+    import threading
+    import time
+
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+
+        def poll():
+            while p.poll() is None:
+                try:
+                    for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                        k, _, v = line.partition(":")
+                        if k in peak:
+                            peak[k] = max(peak[k], int(v.split()[0]))
+                except OSError:
+                    pass
+                time.sleep(0.2)
+
+        th = threading.Thread(target=poll)
+        th.start()
+        p.wait()
+        th.join()
+    if p.returncode:
+        raise SystemExit(f"failed ({p.returncode}): {cmd} (see {log})")
+    return {"seconds": round(time.perf_counter() - t0, 2), "rss_mb": round(peak["VmRSS"] / 1024, 1),
+            "anon_mb": round(peak["RssAnon"] / 1024, 1), "file_mb": round(peak["RssFile"] / 1024, 1)}
 
 
 def make_model(dst: Path, tokenizer_dir: Path) -> int:
@@ -77,13 +110,13 @@ def main() -> None:
     else:
         n = None
     rows = {}
-    rows["qtool-rtn"] = timed(qtool + ["convert-gguf", hf, "--type", "Q4_K_M", "--out", work / "qtool-q4km.gguf",
+    rows["qtool-rtn"] = sampled(qtool + ["convert-gguf", hf, "--type", "Q4_K_M", "--out", work / "qtool-q4km.gguf",
                                        "--force", "--no-check"], work / "qtool.log")
     f16 = work / "f16.gguf"
     if not f16.is_file():
         rows["qtool-f16"] = timed(qtool + ["convert-gguf", hf, "--type", "F16", "--out", f16, "--force", "--no-check"],
                                   work / "f16.log")
-    rows["llama-quantize"] = timed([llamacpp.require("llama-quantize"), f16, work / "llama-q4km.gguf", "Q4_K_M", 2],
+    rows["llama-quantize"] = sampled([llamacpp.require("llama-quantize"), f16, work / "llama-q4km.gguf", "Q4_K_M", 2],
                                    work / "llama.log")
     for k, f in (("qtool-rtn", "qtool-q4km.gguf"), ("llama-quantize", "llama-q4km.gguf")):
         rows[k]["bytes"] = (work / f).stat().st_size
