@@ -108,7 +108,13 @@ def main() -> None:
     if not (hf / "model.safetensors").is_file():
         n = make_model(hf, args.tokenizer)
     else:
-        n = None
+        from safetensors import safe_open
+
+        with safe_open(str(hf / "model.safetensors"), "pt") as f:
+            n = 0
+            for k in f.keys():
+                shape = f.get_slice(k).get_shape()
+                n += shape[0] * (shape[1] if len(shape) > 1 else 1)
     rows = {}
     rows["qtool-rtn"] = sampled(qtool + ["convert-gguf", hf, "--type", "Q4_K_M", "--out", work / "qtool-q4km.gguf",
                                        "--force", "--no-check"], work / "qtool.log")
