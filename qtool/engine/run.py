@@ -242,7 +242,9 @@ def _least_error(w: torch.Tensor, spec: LayerSpec, importance) -> tuple:
     """The candidate with the least importance-weighted RTN error, measured on `SAMPLE_ROWS` evenly spaced rows
     (rows are encoded independently: a sample estimates the whole tensor's error at a fraction of the cost)."""
     imp = torch.ones(w.shape[1]) if importance is None else importance.float().clamp_min(0)
-    rows = w if w.shape[0] <= SAMPLE_ROWS else w[torch.linspace(0, w.shape[0] - 1, SAMPLE_ROWS).round().long()]
+    from qtool.formats.base import evenly_spaced_rows
+
+    rows = evenly_spaced_rows(w, SAMPLE_ROWS)
     errs = {}
     for c in spec.candidates:
         d = rows - c.encode(rows, importance).dequantize()

@@ -15,6 +15,14 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 
 
+def evenly_spaced_rows(w: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` evenly spaced rows of `w` (all rows when it has no more). Every codec encodes rows independently, so
+    a sample's error estimates the whole tensor's (fallback choices, AWQ's search on GGUF grids, sensitivity)."""
+    if w.shape[0] <= n:
+        return w
+    return w[torch.linspace(0, w.shape[0] - 1, n).round().long()]
+
+
 @dataclass(frozen=True, eq=False)
 class QTensor:
     """A quantized weight: integer codes plus the codec's parameters.

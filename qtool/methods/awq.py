@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qtool.formats.base import QTensor
+from qtool.formats.base import QTensor, evenly_spaced_rows
 
 NEEDS: tuple[str, ...] = ("hessian",)  # the clip search weighs errors by the inputs' XᵀX
 SEQUENTIAL = False  # statistics of the float block (collected once per block) are enough
@@ -96,7 +96,7 @@ def search_scale(weights: list[torch.Tensor], codecs: list, h: torch.Tensor, x_a
     ws = [w.float() for w in weights]
     gw = min(c.group_width(ws[0].shape[1]) for c in codecs)
     w_mag = weight_magnitude(ws, gw)
-    ws = [_sample_rows(w, params.block_search_rows) if c.grid_kind == "block" else w for w, c in zip(ws, codecs)]
+    ws = [evenly_spaced_rows(w, params.block_search_rows) if c.grid_kind == "block" else w for w, c in zip(ws, codecs)]
 
     def loss(s: torch.Tensor) -> float:
         total = 0.0
@@ -115,13 +115,6 @@ def search_scale(weights: list[torch.Tensor], codecs: list, h: torch.Tensor, x_a
         if val < best_loss:
             best_loss, best, best_alpha = val, s, alpha
     return ScaleResult(best, best_alpha, loss_identity, best_loss)
-
-
-def _sample_rows(w: torch.Tensor, n: int) -> torch.Tensor:
-    """`n` evenly spaced rows of `w` (all rows when it has no more)."""
-    if w.shape[0] <= n:
-        return w
-    return w[torch.linspace(0, w.shape[0] - 1, n).round().long()]
 
 
 def _importance(codec, h: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor | None:

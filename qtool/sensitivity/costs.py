@@ -62,28 +62,35 @@ def options_for(candidates: list[str], cols: int) -> list[str]:
 
 
 def sample_rows(w: torch.Tensor, n: int = SAMPLE_ROWS) -> torch.Tensor:
-    if w.shape[0] <= n:
-        return w
-    return w[torch.linspace(0, w.shape[0] - 1, n).round().long()]
+    from qtool.formats.base import evenly_spaced_rows
+
+    return evenly_spaced_rows(w, n)
+
+
+def quantize_as(w: torch.Tensor, t: str, method: str, hessian: torch.Tensor | None,
+                scale_dtype: torch.dtype = torch.float32):
+    """`w` through codec `t` (a registry name) and `method` (rtn | gptq), as a plan rule naming them would
+    quantize it: the QTensor. `hessian`: the inputs' XᵀX/N (GPTQ's, and diag(H) the GGUF codecs' importance)."""
+    from qtool.engine.run import quantize_weight
+    from qtool.formats.registry import codec, rule_fields
+    from qtool.plan import LayerSpec, Rule
+
+    rule = Rule(match=".*", method=method, act_order=method == "gptq", **rule_fields(t))
+    spec = LayerSpec("sensitivity", 0, method, codec(t, scale_dtype), rule=rule)
+    h = None if hessian is None else hessian.float()
+    imp = None if h is None else torch.diagonal(h).clamp_min(0)
+    return quantize_weight(w.float(), spec, h, imp)[0]
 
 
 def linear_costs(w: torch.Tensor, hessian: torch.Tensor, types: list[str], method: str = "rtn",
                  scale_dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """{type: tr(ΔW H ΔWᵀ)} of weight `w` (out, in) through `method` (rtn | gptq), estimated on sampled rows."""
-    from qtool.engine.run import quantize_weight
-    from qtool.formats.registry import codec, rule_fields
-    from qtool.plan import LayerSpec, Rule
-
     ws = sample_rows(w.float())
     scale = w.shape[0] / ws.shape[0]
     h = hessian.float()
-    imp = torch.diagonal(h).clamp_min(0)
     out = {}
     for t in types:
-        rule = Rule(match=".*", method=method, act_order=method == "gptq", **rule_fields(t))
-        spec = LayerSpec("sensitivity", 0, method, codec(t, scale_dtype), rule=rule)
-        qt, _ = quantize_weight(ws, spec, h, imp)
-        d = ws - qt.dequantize()
+        d = ws - quantize_as(ws, t, method, h, scale_dtype).dequantize()
         out[t] = float(((d @ h) * d).sum()) * scale
     return out
 

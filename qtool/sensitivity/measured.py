@@ -26,19 +26,7 @@ from collections.abc import Callable
 import torch
 
 from qtool.plan import EMBED, HEAD
-from qtool.sensitivity.costs import Option, options_for
-
-
-def _quantized(w: torch.Tensor, t: str, method: str, hessian, scale_dtype) -> torch.Tensor:
-    from qtool.engine.run import quantize_weight
-    from qtool.formats.registry import codec, rule_fields
-    from qtool.plan import LayerSpec, Rule
-
-    rule = Rule(match=".*", method=method, act_order=method == "gptq", **rule_fields(t))
-    spec = LayerSpec("sensitivity", 0, method, codec(t, scale_dtype), rule=rule)
-    h = None if hessian is None else hessian.float()
-    imp = None if h is None else torch.diagonal(h).clamp_min(0)
-    return quantize_weight(w.float(), spec, h, imp)[0].dequantize()
+from qtool.sensitivity.costs import Option, options_for, quantize_as
 
 
 def measure(source, stats, candidates: list[str], ids: torch.Tensor, *, method: str = "rtn", fmt=None,
@@ -86,7 +74,7 @@ def measure(source, stats, candidates: list[str], ids: torch.Tensor, *, method: 
             errors[name] = {}
             ref = reference if reference in types else _middle(types, w.shape, fmt, scale_dtype)
             for t in types:
-                wq = _quantized(w, t, method, h, scale_dtype)
+                wq = quantize_as(w, t, method, h, scale_dtype).dequantize()
                 with torch.no_grad():
                     mod.weight.copy_(wq)
                 errors[name][t] = float((run(block, x) - y).square().sum(-1).mean())

@@ -10,6 +10,7 @@ plan's exact size is computed afterwards: it never exceeds the budget.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -168,6 +169,7 @@ def write_plan(source, fmt, options, cands, method, cal, size_budget, target_bpw
     # longest llama.cpp mix names are); the written plan differs only in those names
     longest = {n: max((o.codec for o in opts), key=lambda c: (len(c), c)) for n, opts in options.items()}
     ub = layout(longest, "Q4_K_M")
+    n_weights = sum(math.prod(source.shape(n)) for n in source.names())
     pad = _pad if gguf else (lambda n: n)  # GGUF aligns every tensor's data to 32 bytes
     items = {n: [Choice(o.codec, pad(o.bytes), o.cost) for o in opts] for n, opts in options.items()}
     lo, hi = feasible_range(items)
@@ -179,7 +181,6 @@ def write_plan(source, fmt, options, cands, method, cal, size_budget, target_bpw
                         f"{memory.terms}")
         budget = size_budget - offset
     else:  # tensor data only: floats + quantized, per weight of the file
-        n_weights = sum(_numel(source.shape(n)) for n in source.names())
         offset, describe = ub.float_data, f"{target_bpw:g} bits/weight over {n_weights:,} weights"
         budget = int(target_bpw * n_weights / 8) - offset
     if budget < lo:
@@ -196,7 +197,6 @@ def write_plan(source, fmt, options, cands, method, cal, size_budget, target_bpw
     final = layout(sol.picks, mix)
     q_data = sum(pad(next(o.bytes for o in options[n] if o.codec == t)) for n, t in sol.picks.items())
     predicted = final.fixed + q_data
-    n_weights = sum(_numel(source.shape(n)) for n in source.names())
     header = [f"qtool sensitivity ({method} costs, {mode} mode): one {'GGUF type' if gguf else 'codec'} per tensor, "
               "least predicted cost",
               f"budget: {describe}; predicted {'file size' if gguf else 'tensor data'} {predicted:,} bytes; predicted cost {sol.cost:.6g}"
@@ -242,11 +242,4 @@ def _hf_float_bytes(source, arch, quantized: set[str]) -> int:
     artifact's dtype (the source's)."""
     size = source.dtype.itemsize
     skip = {n + ".weight" for n in quantized} | ({arch.lm_head} if source.config.tie_word_embeddings else set())
-    return sum(_numel(source.shape(n)) * size for n in source.names() if n not in skip)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return sum(math.prod(source.shape(n)) * size for n in source.names() if n not in skip)
