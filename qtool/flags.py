@@ -1,4 +1,4 @@
-"""Flags -> Plan: the common cases without a YAML file, through the same validated Plan a file gives.
+r"""Flags -> Plan: the common cases without a YAML file, through the same validated Plan a file gives.
 
 `plan_from_flags` turns `--method/--bits/--group-size/...` into the plan's YAML text and parses it with
 `plan.parse_plan`, so a flag plan and its YAML twin are the same object (same digest, same artifact), and

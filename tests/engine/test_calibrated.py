@@ -104,7 +104,7 @@ def test_stats_file_replaces_the_calibration_pass(tiny_llama, calib_text, tmp_pa
     stats = st.collect(open_model(tiny_llama), spec)
     st.save(stats, tmp_path / "stats")
     back = st.load(tmp_path / "stats")
-    assert back.tokens == 16 * 64 and len(back.inputs) == 14 and len(back.tensors) == 8
+    assert back.tokens == 16 * 64 and len(back.inputs) == 15 and len(back.tensors) == 9  # 14 linears + the head
     for key, s in stats.tensors.items():
         assert torch.equal(back.tensors[key].hessian, s.hessian)
     a = run(open_model(tiny_llama), _plan("awq", calib_text), tmp_path / "a", stats=back)
