@@ -228,13 +228,17 @@ def quantize_weight(w: torch.Tensor, spec: LayerSpec, hessian=None, importance=N
     if method.NEEDS:
         qt, rep = method.quantize(w, codec, hessian, method.params_of(spec))
         note = "; ".join(filter(None, [note, rep.note]))
-    elif codec.grid_kind == "block":
-        qt = method.quantize(w, codec, importance)  # GGUF codecs weight their search by the importance
+    elif codec.grid_kind == "block":  # GGUF codecs weight their search by the importance; rows encode
+        # independently, so a vocabulary-sized tensor goes a chunk of rows at a time (memory: one chunk, not 3x it)
+        from qtool.formats.gguf_base import row_chunks
+
+        qt = QTensor.cat_rows([method.quantize(w[r], codec, importance) for r in row_chunks(*w.shape, ENCODE_CHUNK)])
     else:
         qt = method.quantize(w, codec)
     return qt, note
 
 
+ENCODE_CHUNK = 1 << 23  # elements per row chunk when a block codec encodes a large tensor (32 MiB in float32)
 SAMPLE_ROWS = 256  # rows on which the fallback candidates are compared (evenly spaced; all rows when fewer)
 
 
@@ -287,21 +291,23 @@ def _stream(source, plan, specs, shapes, arch, sink, check, progress, stats_file
     skel = skeleton(cfg)
     reports: list[LayerReport] = []
     embed = _finite(arch.embed, source.get(arch.embed))
-    embed_q = embed
+    embed_qt = None  # GGUF: the quantized embeddings, decoded only where needed (token lookups, the check's head)
     if EMBED in specs:  # GGUF: the token embeddings are quantized too (no importance: llama.cpp has none for them)
-        qt, note = quantize_weight(embed, specs[EMBED])
-        _, nbytes = sink.add_quantized(EMBED, qt, specs[EMBED])
-        embed_q = qt.dequantize()
-        reports.append(LayerReport(EMBED, qt.codec.name, nbytes, _rel(embed, embed_q), note=note))
+        embed_qt, note = quantize_weight(embed, specs[EMBED])
+        _, nbytes = sink.add_quantized(EMBED, embed_qt, specs[EMBED])
+        reports.append(LayerReport(EMBED, embed_qt.codec.name, nbytes, _rel_q(embed, embed_qt), note=note))
     else:
         sink.add_float(arch.embed, embed)
+
+    def embed_q(ids: torch.Tensor) -> torch.Tensor:  # what the quantized model's embedding gives these tokens
+        return embed[ids].float() if embed_qt is None else _lookup(embed_qt, ids)
     check = check and plan.check_sequences > 0
     inline = plan.needs_calibration and stats_file is None  # collect statistics on a calibration stream
     tokenizer = source.load_tokenizer() if check or inline else None
     if check:
         ids = check_tokens(tokenizer, plan.check_sequences, plan.check_seq_len)
         xf = embed[ids].float()
-        xq = embed_q[ids].float()
+        xq = embed_q(ids)
         runner = BlockRunner(skel, cfg, plan.check_seq_len)
     xc = None
     if inline:
@@ -309,11 +315,11 @@ def _stream(source, plan, specs, shapes, arch, sink, check, progress, stats_file
 
         progress("calibrate", 0, 1)
         cids = calibration_tokens(source, plan.calibration, tokenizer)
-        xc = embed_q[cids].float()  # the calibration stream: quantized blocks' outputs feed the next block
+        xc = embed_q(cids)  # the calibration stream: quantized blocks' outputs feed the next block
         crunner = BlockRunner(skel, cfg, plan.calibration.seq_len)
         progress("calibrate", 1, 1)
-    tied_q = embed_q if cfg.tie_word_embeddings and EMBED in specs else None  # the head a tied GGUF model runs
-    del embed, embed_q, tokenizer
+    tied_qt = embed_qt if cfg.tie_word_embeddings else None  # the head a tied GGUF model runs
+    del embed, embed_qt, embed_q, tokenizer
     malloc_trim()  # the tokenizer's and the embedding's temporaries: not under the stream's peak
     transforms: list[TransformReport] = []
     block_err: list[float] = []
@@ -366,16 +372,15 @@ def _stream(source, plan, specs, shapes, arch, sink, check, progress, stats_file
         staged = None
         progress("quantize", i + 1, n_layers)
     norm_w = source.get(arch.final_norm).float()
-    head_q = tied_q
+    head_qt = tied_qt
     if HEAD in specs:  # GGUF: the output head, weighted by the importance of its inputs (the final norm's output)
         head = _finite(arch.lm_head, source.get(arch.lm_head))
         imp = importance.get(HEAD)
         if imp is None and xc is not None:
             imp = _final_norm(skel, norm_w)(xc).reshape(-1, xc.shape[-1]).square().mean(0)
-        qt, note = quantize_weight(head, specs[HEAD], importance=imp)
-        _, nbytes = sink.add_quantized(HEAD, qt, specs[HEAD])
-        head_q = qt.dequantize()
-        reports.append(LayerReport(HEAD, qt.codec.name, nbytes, _rel(head, head_q), note=note))
+        head_qt, note = quantize_weight(head, specs[HEAD], importance=imp)
+        _, nbytes = sink.add_quantized(HEAD, head_qt, specs[HEAD])
+        reports.append(LayerReport(HEAD, head_qt.codec.name, nbytes, _rel_q(head, head_qt), note=note))
         del head
     xc = None  # the calibration stream is done: free it before the check's logits
     linears = [r for r in reports if r.name not in (EMBED, HEAD)]
@@ -387,6 +392,7 @@ def _stream(source, plan, specs, shapes, arch, sink, check, progress, stats_file
     report = None
     if check:
         head = source.get(arch.embed if cfg.tie_word_embeddings else arch.lm_head).float()
+        head_q = None if head_qt is None else head_qt.dequantize()
         norm = _final_norm(skel, norm_w)
         with torch.no_grad():
             kld, same = logit_kld(norm(xf), norm(xq), head, head_q)
@@ -398,8 +404,24 @@ def _stream(source, plan, specs, shapes, arch, sink, check, progress, stats_file
                     layers=reports, transforms=transforms, check=report)
 
 
-def _rel(w: torch.Tensor, wq: torch.Tensor) -> float:
-    return ((w - wq).norm() / w.norm().clamp_min(1e-12)).item()
+def _rel_q(w: torch.Tensor, qt: QTensor) -> float:
+    """||w - dequantize(qt)|| / ||w||, decoded a row chunk at a time (vocabulary-sized tensors)."""
+    from qtool.formats.gguf_base import row_chunks
+
+    if qt.codec.grid_kind != "block":
+        return ((w - qt.dequantize()).norm() / w.norm().clamp_min(1e-12)).item()
+    err = ref = 0.0
+    for r in row_chunks(*qt.shape):
+        wr = w[r].float()
+        err += float((wr - qt.take_rows(r).dequantize()).square().sum(dtype=torch.float64))
+        ref += float(wr.square().sum(dtype=torch.float64))
+    return (err / max(ref, 1e-24)) ** 0.5
+
+
+def _lookup(qt: QTensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (any shape) of a quantized embedding, decoding only the distinct rows they use."""
+    uniq, inv = ids.reshape(-1).unique(return_inverse=True)
+    return qt.take_rows(uniq).dequantize()[inv].reshape(*ids.shape, qt.shape[1])
 
 
 def _final_norm(skel, weight: torch.Tensor):

@@ -39,6 +39,27 @@ class QTensor:
     def dequantize(self) -> torch.Tensor:
         return self.codec.dequantize(self)
 
+    def take_rows(self, rows: "slice | torch.Tensor") -> "QTensor":
+        """Rows `rows` (a slice or 1-D indices) as a QTensor of their own (block codecs: every param is per
+        row), so a vocabulary-sized tensor is decoded a slice at a time, or only the token rows a lookup needs."""
+        if self.codec.grid_kind != "block":
+            raise TypeError(f"take_rows needs a block codec, not {self.codec.name}")
+        n = self.shape[0]
+        params = {k: v[rows] if v.dim() == 2 and v.shape[0] == n else v for k, v in self.params.items()}
+        codes = self.codes[rows]
+        return QTensor(self.codec, (codes.shape[0], self.shape[1]), codes, params)
+
+    @staticmethod
+    def cat_rows(parts: "list[QTensor]") -> "QTensor":
+        """The inverse of `take_rows`: row blocks of one block codec's tensor, stacked."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        params = {k: torch.cat([p.params[k] for p in parts]) if v.dim() == 2 and v.shape[0] == first.shape[0] else v
+                  for k, v in first.params.items()}
+        rows = sum(p.shape[0] for p in parts)
+        return QTensor(first.codec, (rows, first.shape[1]), torch.cat([p.codes for p in parts]), params)
+
     @property
     def nbytes(self) -> int:
         if "g_idx" in self.params:  # act-order groups (affine codecs): the group map is stored too

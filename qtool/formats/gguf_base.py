@@ -87,6 +87,16 @@ class one_thread:
             torch.set_num_threads(self.n)
 
 
+ROW_CHUNK_ELEMS = 1 << 21  # elements per row chunk of whole-tensor passes (8 MiB per float32 temporary)
+
+
+def row_chunks(rows: int, cols: int, elems: int = ROW_CHUNK_ELEMS) -> list[slice]:
+    """Row slices of about `elems` elements covering `rows` rows: whole-tensor passes (quantize, dequantize)
+    keep their per-element temporaries this size, so a vocabulary-sized tensor never needs several copies."""
+    step = max(1, elems // max(cols, 1))
+    return [slice(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
 def fp16_round(x: torch.Tensor) -> torch.Tensor:
     """float32 -> the nearest fp16 value (round to nearest even), back as float32: what ggml stores in `d`."""
     return x.float().to(torch.float16).float()
@@ -158,16 +168,24 @@ class GGUFCodec:
         return torch.arange(cols) // self.sub_block
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
-        lv = self.levels_tensor[q.codes.long()]
-        scale = q.params["scale"].repeat_interleave(self.sub_block, dim=1)
-        offset = q.params["offset"].repeat_interleave(self.sub_block, dim=1)
-        return scale * lv + offset
+        rows, cols = q.shape
+        out = torch.empty(rows, cols)
+        lv = self.levels_tensor
+        for r in row_chunks(rows, cols):  # per-element temporaries stay chunk-sized (a 100M-entry embedding)
+            scale = q.params["scale"][r].repeat_interleave(self.sub_block, dim=1)
+            offset = q.params["offset"][r].repeat_interleave(self.sub_block, dim=1)
+            torch.mul(scale, lv[q.codes[r].long()], out=out[r]).add_(offset)  # scale·level + offset, no FMA
+        return out
 
     def quantize(self, w: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Nearest level of each element under fixed `params` (ties to the lower level), uint8 codes."""
-        scale = params["scale"].repeat_interleave(self.sub_block, dim=1)
-        offset = params["offset"].repeat_interleave(self.sub_block, dim=1)
-        return self.quantize_columns(w.float(), scale, offset)
+        rows, cols = w.shape
+        codes = torch.empty(rows, cols, dtype=torch.uint8)
+        for r in row_chunks(rows, cols):
+            scale = params["scale"][r].repeat_interleave(self.sub_block, dim=1)
+            offset = params["offset"][r].repeat_interleave(self.sub_block, dim=1)
+            codes[r] = self.quantize_columns(w[r].float(), scale, offset)
+        return codes
 
     def quantize_columns(self, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Codes for `x` given per-element (broadcastable) decoded `scale`/`offset`: the nearest value

@@ -80,9 +80,17 @@ class GGUFFileWriter:
         self._names.add(gname)
         groups = next((g for suffix, g in self._permute.items() if name.endswith(suffix)), None)
         if isinstance(t, QTensor):
-            codec = t.codec
-            data = codec.pack(t)  # uint8 (rows, row_bytes); float codecs give their own bytes too
-            gtype = int(codec.ggml_type)
+            gtype = int(t.codec.ggml_type)
+            if groups is None:  # packed a row chunk at a time: a vocabulary-sized tensor's pack temporaries stay small
+                from qtool.formats.gguf_base import row_chunks
+
+                nbytes = 0
+                for r in row_chunks(*t.shape):
+                    nbytes += self._spill.write(t.codec.pack(t.take_rows(r)).contiguous().numpy().tobytes())
+                self._tensors.append((gname, [t.shape[0], nbytes // t.shape[0]], gtype, self.total_bytes, nbytes))
+                self.total_bytes += nbytes
+                return nbytes
+            data = t.codec.pack(t)  # uint8 (rows, row_bytes); float codecs give their own bytes too
         else:
             if t.ndim == 1 or "norm" in name:
                 float_type = "f32"
