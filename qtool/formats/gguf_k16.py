@@ -22,6 +22,12 @@ Two encoders per type:
   alternated with weighted least-squares re-solves of ``d`` (and ``dmin``) given the integer sub-scales and
   codes. The codes are the nearest levels under the final params, so ``quantize(w, fit(w))`` reproduces
   ``encode(w)`` (the seam GPTQ walks columns through).
+
+Native path: the Q6_K/Q3_K default encoder runs in ``kernels/cpu/gguf_kquants.cpp`` (formats/kquant_native.py:
+one call per tensor, super-blocks over ``torch.get_num_threads()`` threads, results independent of the count)
+whenever `runtime.native` can build it; it follows `_sym_sub_search` + `_sym_super` operation for operation
+(sums in torch's order), so it reproduces their output. That torch code stays as its twin and the fallback
+(``QTOOL_NATIVE=0``, no compiler); ``faithful=True`` and Q2_K run in torch.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dataclasses import dataclass
 import gguf
 import torch
 
+from qtool.formats import kquant_native
 from qtool.formats.base import QTensor
 from qtool.formats.gguf_base import GGUFCodec, fp16_round, register
 
@@ -225,6 +232,16 @@ def _make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch
 
 
 # ============================================================================ better encoders (shared pieces)
+_SUB_REFINE = 2  # `_sym_sub_search`'s rounding / LS rounds after the grid
+
+
+def _sym_grid(nq: int) -> list[float]:
+    """`_sym_sub_search`'s starting scales (× 1/max): a wide grid of both signs (finer for few levels)."""
+    if nq <= 8:
+        return [-(nq + 0.1 * i) for i in range(-12, 21)] + [(nq - 1 + 0.1 * i) for i in range(-4, 11, 2)]
+    return [-(nq + 0.25 * i) for i in range(-12, 13)]
+
+
 def _sym_sub_search(x: torch.Tensor, w: torch.Tensor, nq: int) -> torch.Tensor:
     """Per row of x (N, n): the weighted-LS scale s minimizing sum w (x - s*l)^2, l = clamp(round(x/s), -nq, nq-1),
     over a wide grid of starting scales (both signs) refined by alternating rounding and LS."""
@@ -246,13 +263,9 @@ def _sym_sub_search(x: torch.Tensor, w: torch.Tensor, nq: int) -> torch.Tensor:
         best_s = torch.where(better, s, best_s)
         best_sc = torch.where(better, score, best_sc)
 
-    if nq <= 8:
-        grid = [-(nq + 0.1 * i) for i in range(-12, 21)] + [(nq - 1 + 0.1 * i) for i in range(-4, 11, 2)]
-    else:
-        grid = [-(nq + 0.25 * i) for i in range(-12, 13)]
-    for g in grid:
+    for g in _sym_grid(nq):
         consider(_rint((g / mx)[:, None] * x).clamp_(-nq, nq - 1))
-    for _ in range(2):
+    for _ in range(_SUB_REFINE):
         consider(_rint(x / _safe(best_s)[:, None]).clamp_(-nq, nq - 1))
     return torch.where(nz, best_s, torch.zeros_like(best_s))
 
@@ -490,7 +503,11 @@ def _ggml(name: str) -> tuple[int, int, int]:
 class _K16Codec(GGUFCodec):
     """Shared driver: row chunks, importance broadcast, params assembly. Subclasses implement
     `_blocks(X, imp, faithful) -> (raw dict of (B, ...) tensors, codes (B, 256) or None)`, `_decode(raw)`,
-    `_pack_blocks`, `_unpack_blocks`."""
+    `_pack_blocks`, `_unpack_blocks`, and `_native(w, imp)` -> (raw dict of (rows, ...) tensors, codes) or None
+    (the default encoder of the whole tensor in kernels/cpu/gguf_kquants.cpp; None: no kernel, run `_blocks`)."""
+
+    def _native(self, w: torch.Tensor, imp: torch.Tensor | None):
+        return None
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, *, faithful: bool = False
             ) -> dict[str, torch.Tensor]:
@@ -505,7 +522,7 @@ class _K16Codec(GGUFCodec):
         return QTensor(self, tuple(w.shape), codes, params)
 
     def _run(self, w: torch.Tensor, importance, faithful: bool):
-        """(params, codes or None): computed on the CPU in row chunks, returned on `w`'s device."""
+        """(params, codes or None): computed on the CPU (natively, else in row chunks), on `w`'s device."""
         device = w.device
         w = w.detach().float().cpu()
         if w.dim() != 2:
@@ -522,6 +539,11 @@ class _K16Codec(GGUFCodec):
                 raise ValueError(f"{self.name}: importance has {imp.numel()} entries, the weight has {cols} columns")
             if not bool(torch.isfinite(imp).all()):
                 raise ValueError(f"{self.name}: the importance has NaN/Inf values")
+        if not faithful and (native_out := self._native(w, imp)) is not None:
+            raw, codes = native_out  # the native twin of `_blocks` (kernels/cpu/gguf_kquants.cpp), whole tensor
+            params = {k: v.to(device) for k, v in {**self._decode(raw), **raw}.items()}
+            return params, codes.to(device)
+        if imp is not None:
             imp = imp.reshape(nb, NSUB, SUB)
         step = max(1, _CHUNK // cols)
         raws, codes = [], []
@@ -674,6 +696,8 @@ class Q3KCodec(_K16Codec):
     """Q3_K: value = d*(l-32)*(q-4), q in 0..7. Raw params: d (fp16 values, (rows, blocks)), l (uint8 0..63,
     (rows, cols/16), the stored 6-bit sub-scale: the multiplier is l - 32)."""
 
+    _SUPER = (-32, 31, (-32.0, -31.5, -31.0, -30.0, -29.0, -33.0), 3)  # default encoder: sc range, d grid, refits
+
     def _decode(self, raw):
         d = raw["d"].float().repeat_interleave(NSUB, dim=1)
         scale = d * (raw["l"].float() - 32)
@@ -684,8 +708,15 @@ class Q3KCodec(_K16Codec):
             return self._faithful(X, I)
         W = torch.ones_like(X) if I is None else I
         s = _sym_sub_search(X.reshape(-1, SUB), W.reshape(-1, SUB), 4).reshape(-1, NSUB)
-        d, sc = _sym_super(X, W, s, 4, -32, 31, (-32.0, -31.5, -31.0, -30.0, -29.0, -33.0), 3)
+        d, sc = _sym_super(X, W, s, 4, *self._SUPER)
         return {"d": d.to(torch.float16), "l": (sc + 32).to(torch.uint8)}, None
+
+    def _native(self, w, imp):
+        out = kquant_native.encode_sym(w, imp, 4, _sym_grid(4), _SUB_REFINE, *self._SUPER)
+        if out is None:
+            return None
+        d, sc, codes = out
+        return {"d": d, "l": (sc.to(torch.int32) + 32).to(torch.uint8)}, codes
 
     def _faithful(self, X, I):
         B = X.shape[0]
@@ -732,6 +763,8 @@ class Q3KCodec(_K16Codec):
 class Q6KCodec(_K16Codec):
     """Q6_K: value = d*sc*(q-32), q in 0..63. Raw params: d (fp16 values, (rows, blocks)), sc (int8, (rows, cols/16))."""
 
+    _SUPER = (-128, 127, (-128.0, -127.0, -126.0), 2)  # default encoder: sc range, d grid, refits
+
     def _decode(self, raw):
         d = raw["d"].float().repeat_interleave(NSUB, dim=1)
         scale = d * raw["sc"].float()
@@ -742,8 +775,15 @@ class Q6KCodec(_K16Codec):
             return self._faithful(X, I)
         W = torch.ones_like(X) if I is None else I
         s = _sym_sub_search(X.reshape(-1, SUB), W.reshape(-1, SUB), 32).reshape(-1, NSUB)
-        d, sc = _sym_super(X, W, s, 32, -128, 127, (-128.0, -127.0, -126.0), 2)
+        d, sc = _sym_super(X, W, s, 32, *self._SUPER)
         return {"d": d.to(torch.float16), "sc": sc.to(torch.int8)}, None
+
+    def _native(self, w, imp):
+        out = kquant_native.encode_sym(w, imp, 32, _sym_grid(32), _SUB_REFINE, *self._SUPER)
+        if out is None:
+            return None
+        d, sc, codes = out
+        return {"d": d, "sc": sc}, codes
 
     def _faithful(self, X, I):
         B = X.shape[0]

@@ -28,8 +28,15 @@ Objective ω: with an ``importance`` vector, llama.cpp's element weight ``imp[co
 ``σ² = 2·Σx²/256`` over the super-block (what its ``_impl`` quantizers weight by); without one, plain squared
 error (llama.cpp's ``av_x + |x|`` / ``x²`` weights are only its search heuristics). `weighted_error` computes it.
 
-Speed: everything is vectorized over (rows × super-blocks) in chunks of ``_CHUNK_ELEMS`` elements (small
-enough to stay in cache); Python loops run only over search candidates, sweeps and the 8 entries of
+Native path: the Q4_K/Q5_K default encoder runs in ``kernels/cpu/gguf_kquants.cpp`` (formats/kquant_native.py:
+one call per tensor, super-blocks over ``torch.get_num_threads()`` threads, results independent of the count)
+whenever `runtime.native` can build it: the same algorithm and grids, float32 operations and sums in torch's
+order, codes computed as `quantize` does. The torch code below is its twin and the fallback (``QTOOL_NATIVE=0``,
+no compiler, NaN/Inf input); the two agree except where torch's not-always-correctly-rounded sqrt moves an
+importance weight by an ulp and a near-tie goes the other way. ``faithful=True`` and IQ4_XS always run in torch.
+
+Speed (torch path): everything is vectorized over (rows × super-blocks) in chunks of ``_CHUNK_ELEMS`` elements
+(small enough to stay in cache); Python loops run only over search candidates, sweeps and the 8 entries of
 ``make_qp_quants``. Per-element ``torch.where`` / ``bucketize`` are avoided (branchy kernels, slow on
 random data); `quantize_columns` is overridden by exactly equivalent arithmetic (ties to the lower level).
 """
@@ -42,6 +49,7 @@ import gguf
 import numpy as np
 import torch
 
+from qtool.formats import kquant_native
 from qtool.formats.base import QTensor
 from qtool.formats.gguf_base import GGUFCodec, register, one_thread
 
@@ -59,6 +67,7 @@ _GT = gguf.GGMLQuantizationType
 # tries k in [-1, 1] (Q4_K) / [-0.5, 1] (Q5_K); the winners on real and synthetic weights spread over [-6, 3])
 _KS_Q4 = tuple(-4.0 + 7.0 * i / 39 for i in range(40))
 _KS_Q5 = tuple(-6.0 + 9.0 * i / 23 for i in range(24))
+_REFINE = 2  # `_fit_subblocks` rounds of (nearest codes, LS refit) after the grid
 # whole-code-step shifts of the min tried as well (same interior, other clipping: often a better basin)
 _SHIFTS_Q4 = (-2.0, -1.0, 1.0, 2.0)
 _SHIFTS_Q5 = (-4.0, -3.0, -2.0, -1.0, 1.0, 2.0, 3.0, 4.0)
@@ -453,7 +462,7 @@ class _Best:
                        for f, nf in zip(self.fields, fields)]
 
 
-def _better_k(x: torch.Tensor, om: torch.Tensor | None, nmax: int, ks, refine: int = 2, schedule=(17, 17, 17),
+def _better_k(x: torch.Tensor, om: torch.Tensor | None, nmax: int, ks, refine: int = _REFINE, schedule=(17, 17, 17),
               shifts=_SHIFTS_Q4):
     """Q4_K/Q5_K fields (d, dmin fp16; sc, m float integers) minimizing Σω·(x − x̂)² per super-block."""
     a, mn = _fit_subblocks(x, om, nmax, ks, refine)
@@ -608,6 +617,8 @@ class _SuperBlockCodec(GGUFCodec):
             importance = importance.detach().float().reshape(-1)
             if importance.numel() != w.shape[1]:
                 raise ValueError(f"importance has {importance.numel()} entries; the weight has {w.shape[1]} columns")
+        if not faithful and (fields := self._native(w, importance)) is not None:
+            return self._assemble(tuple(w.shape), fields)  # the whole tensor in kernels/cpu/gguf_kquants.cpp
         enc = self._faithful if faithful else self._better
         with one_thread():
             parts = [enc(x, ip) for x, ip in self._chunks(w, importance)]
@@ -624,8 +635,13 @@ class _SuperBlockCodec(GGUFCodec):
             codes = self.quantize(w.float(), params)
         return QTensor(self, shape, codes, params)
 
+    def _native(self, w: torch.Tensor, importance: torch.Tensor | None):
+        return None
+
     # subclasses: _faithful / _better(x (N,8,32), imp | None) -> dict of per-super-block fields
-    #             (codes None when they are the nearest levels), _assemble(shape, fields) -> (codes, params)
+    #             (codes None when they are the nearest levels), _assemble(shape, fields) -> (codes, params);
+    #             _native(w, imp) -> the default encoder's fields (codes included) of the whole tensor from the
+    #             native kernel, or None (no kernel, or a type it does not cover)
 
 
 @dataclass(frozen=True, eq=False)
@@ -680,6 +696,11 @@ class _KQuantCodec(_SuperBlockCodec):
         q = L.add_((q - L).mul_(nz))  # ggml leaves a sub-block with d·sc == 0 with its make_qkx codes
         return {"d": d, "dmin": dmin, "sc": sc.to(torch.uint8), "m": m.to(torch.uint8),
                 "codes": q.to(torch.uint8).reshape(n, QK_K)}
+
+    def _native(self, w: torch.Tensor, importance: torch.Tensor | None):
+        if self.nmax == 15:
+            return kquant_native.encode_k4(w, importance, 15, _KS_Q4, _REFINE, _SHIFTS_Q4, _SCHEDULE_Q4, _PAIRS)
+        return kquant_native.encode_k4(w, importance, 31, _KS_Q5, _REFINE, _SHIFTS_Q5, _SCHEDULE_Q5, _PAIRS)
 
     def _better(self, x: torch.Tensor, imp: torch.Tensor | None):
         om = _objective_weights(x, imp)
