@@ -2,16 +2,17 @@
 //
 // Torch twins (kept as the fallback and the reference): qtool/formats/gguf_k4.py `_better_k` (Q4_K, Q5_K:
 // `_objective_weights`, `_fit_subblocks`, `_sub_error_k`, `_refit_d_dmin`) and qtool/formats/gguf_k16.py
-// `_sym_sub_search` + `_sym_super` (Q6_K, Q3_K). The same algorithms, search grids (passed in by the Python
-// side, so they have one definition), candidate orders and keep-if-strictly-better rules, in the same float32
-// operations (float64 where the twin sums in float64), with the sums in the order torch's CPU reductions use
-// (`casc32` and friends below) and the one fused multiply-add the twin gets from torch (`torch.addcmul` on
-// AVX2/AVX-512 builds): on such machines the kernel reproduces the twin's choices, up to the rare spot where
-// the twin's own arithmetic differs (tests/formats/test_gguf_kquants_native.py compares the objective per
-// super-block and the totals).
+// `_sym_sub_search` + `_sym_super` (Q6_K, Q3_K), `_affine_sub_exact` + `_affine_super` (Q2_K). The same
+// algorithms, search grids (passed in by the Python side, so they have one definition), candidate orders and
+// keep-if-strictly-better rules, in the same float32 operations (float64 where the twin sums in float64), with
+// the sums in the order torch's CPU reductions use (`casc32` and friends below, cumsum's float64 accumulator)
+// and the one fused multiply-add the twin gets from torch (`torch.addcmul` on AVX2/AVX-512 builds): on such
+// machines the kernel reproduces the twin's output, up to the rare spot where the twin's own arithmetic is not
+// IEEE (torch's sqrt, in Q4_K/Q5_K's importance weights) and a near-tie goes the other way
+// (tests/formats/test_gguf_kquants_native.py compares the objective per super-block and the totals).
 //
 // Layout: a super-block is held transposed, one 8-lane vector per element position with one sub-block per
-// lane (Q4_K/Q5_K: 8 sub-blocks of 32 -> 32 vectors; Q6_K/Q3_K: 16 sub-blocks of 16 -> two halves of 16
+// lane (Q4_K/Q5_K: 8 sub-blocks of 32 -> 32 vectors; Q6_K/Q3_K/Q2_K: 16 sub-blocks of 16 -> two halves of 16
 // vectors), so every per-sub-block quantity (sums, LS fits, candidate errors, keep-if-better selections) is a
 // lane of a vector and no float operation depends on the vector width.
 //
@@ -28,6 +29,7 @@
 // level), so `quantize(w, fit(w))` equals `encode(w).codes`.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -114,6 +116,17 @@ QT_INLINE uint16_t f2h_sat(float f) { return f2h(clampf(f, -65504.0f, 65504.0f))
 // ------------------------------------------------------------------------------------------------ vectors
 
 QT_INLINE v8f splat(float f) { return v8f{f, f, f, f, f, f, f, f}; }
+
+typedef double v4d __attribute__((vector_size(32)));
+
+QT_INLINE v8f vld(const float* p) {
+    v8f v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+QT_INLINE v4d lo4(v8f v) { return v4d{v[0], v[1], v[2], v[3]}; }  // float -> double, exact
+QT_INLINE v4d hi4(v8f v) { return v4d{v[4], v[5], v[6], v[7]}; }
 
 QT_INLINE v8f vmin_(v8f v, v8f hi) { return v > hi ? hi : v; }  // NaN passes through
 QT_INLINE v8f vmax_(v8f v, v8f lo) { return v < lo ? lo : v; }
@@ -450,11 +463,24 @@ struct K4Args {
     uint8_t* sc;
     uint8_t* m;
     uint8_t* codes;
+    std::atomic<int> nonfinite;  // set when a super-block holds NaN/Inf (the caller then runs the twin)
 };
 
-QT_CLONES void k4_range(const K4Args& A, int64_t b0, int64_t b1) {
+QT_INLINE bool all_finite(const float* x) {  // no element with an all-ones exponent (NaN/Inf)
+    v8i bad = {};
+    for (int i = 0; i < QK; i += 8) bad |= ((v8i)vld(x + i) & 0x7f800000) == 0x7f800000;
+    int any = 0;
+    for (int l = 0; l < 8; ++l) any |= bad[l];
+    return any == 0;
+}
+
+QT_CLONES void k4_range(K4Args& A, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
         const float* x = A.w + b * QK;
+        if (!all_finite(x)) {
+            A.nonfinite.store(1, std::memory_order_relaxed);
+            continue;
+        }
         if (A.imp)
             k4_block<true>(x, A.imp + (b % A.nb) * QK, A.cfg, A.d + b, A.dmin + b, A.sc + b * 8, A.m + b * 8,
                            A.codes + b * QK);
@@ -594,28 +620,30 @@ QT_INLINE void sym_block(const float* x, const float* imp, const SymCfg& c, uint
     }
     const v8f lo = splat(-c.nq), hi = splat(c.nq - 1.0f);
     for (int r = 0; r < c.refits; ++r) {
-        // float32 products summed in float64 in torch's order (a row of 256 in 4-double vectors, vector m
-        // into accumulator m % 4, then ((P0 + P1) + P2) + P3 and its 4 lanes in order)
-        double pn[4][4] = {}, pd[4][4] = {};
+        // float32 products summed in float64 in torch's order: a row of 256 in 4-double vectors, vector m into
+        // accumulator m % 4, then ((P0 + P1) + P2) + P3 and its 4 lanes in order. Vector m = 4·sb + j/4 holds
+        // elements j = 4(m % 4) .. +3 of sub-block sb, so accumulator k runs over the sub-blocks in order.
+        v4d pn[4] = {}, pd[4] = {};
         for (int sb = 0; sb < 16; ++sb) {
-            const SymHalf& Hh = H[sb / 8];
-            const int s = sb % 8;
-            const float scv = bsc[sb / 8][s];
-            const float ts = nz(bd * scv);
-            for (int j = 0; j < S16; ++j) {
-                const float xv = Hh.X[j][s];
-                const float q = clampf(rne(xv / ts), lo[0], hi[0]);
-                const float a = scv * q;
-                const float wa = W ? Hh.W[j][s] * a : a;
-                const int e = S16 * sb + j;
-                pn[(e / 4) % 4][e % 4] += static_cast<double>(wa * xv);
-                pd[(e / 4) % 4][e % 4] += static_cast<double>(wa * a);
+            const float scv = bsc[sb / 8][sb % 8];
+            const v8f vsc = splat(scv), ts = splat(nz(bd * scv));
+            for (int half = 0; half < 2; ++half) {
+                const v8f xv = vld(x + S16 * sb + 8 * half);
+                const v8f q = vrne_small(vclamp(xv / ts, lo, hi));
+                const v8f a = vsc * q;
+                const v8f wa = W ? vld(imp + S16 * sb + 8 * half) * a : a;
+                const v8f n8 = wa * xv, d8 = wa * a;
+                pn[2 * half] += lo4(n8);
+                pn[2 * half + 1] += hi4(n8);
+                pd[2 * half] += lo4(d8);
+                pd[2 * half + 1] += hi4(d8);
             }
         }
+        const v4d pnv = ((pn[0] + pn[1]) + pn[2]) + pn[3], pdv = ((pd[0] + pd[1]) + pd[2]) + pd[3];
         double num = 0.0, den = 0.0;
         for (int l = 0; l < 4; ++l) {
-            num += ((pn[0][l] + pn[1][l]) + pn[2][l]) + pn[3][l];
-            den += ((pd[0][l] + pd[1][l]) + pd[2][l]) + pd[3][l];
+            num += pnv[l];
+            den += pdv[l];
         }
         const double dn = den > 0.0 ? num / den : static_cast<double>(bd);
         const float d = h2f(f2h_sat(static_cast<float>(dn)));
@@ -663,6 +691,347 @@ QT_CLONES void sym_range(const SymArgs& A, int64_t b0, int64_t b1) {
     }
 }
 
+
+// ================================================================================================ Q2_K
+// gguf_k16.py `_affine_sub_exact` + `_affine_super`: 16 sub-blocks of 16, x ≈ (d·sc)·q − dmin·m, q in 0..3,
+// sc/m 4-bit. Per sub-block the exact affine fit over every monotone 4-level partition of its sorted elements
+// (the cut search runs on 8 sub-blocks per vector), then the joint fp16 (d, dmin) / integer (sc, m) search.
+
+QT_INLINE v8i splat_i(int v) { return v8i{v, v, v, v, v, v, v, v}; }
+
+QT_INLINE v8f vfloor(v8f v) {  // floor, any v
+    const v8f r = vrne(v);
+    return r > v ? r - 1.0f : r;
+}
+
+QT_INLINE float casc16s(const float* p) {  // casc16 on one contiguous row
+    float s = 0.0f;
+    for (int l = 0; l < 8; ++l) s += p[l] + p[8 + l];
+    return s;
+}
+
+struct Q2Sub {  // one sub-block: its elements sorted (stable), weight sums and tail sums (`_tail_sums`)
+    float sw, swx, xbar;
+    float TW[17], TX[17];
+};
+
+QT_INLINE void q2_prep(const float* x, const float* w, Q2Sub& o) {
+    int idx[16];
+    for (int i = 0; i < 16; ++i) idx[i] = i;
+    for (int i = 1; i < 16; ++i) {  // stable insertion sort by x (torch's sort keeps ties in index order)
+        const int v = idx[i];
+        int j = i - 1;
+        while (j >= 0 && x[idx[j]] > x[v]) {
+            idx[j + 1] = idx[j];
+            --j;
+        }
+        idx[j + 1] = v;
+    }
+    float xs[16], ws[16], p[16];
+    for (int i = 0; i < 16; ++i) {
+        xs[i] = x[idx[i]];
+        ws[i] = w ? w[idx[i]] : 1.0f;
+        p[i] = ws[i] * xs[i];
+    }
+    o.sw = casc16s(ws);
+    o.swx = casc16s(p);
+    o.xbar = o.swx / nz(o.sw);
+    double aw = 0.0, ax = 0.0;  // torch's cumsum accumulates float in double (from the end: flip, cumsum, flip)
+    o.TW[16] = 0.0f;
+    o.TX[16] = 0.0f;
+    for (int k = 15; k >= 0; --k) {
+        aw += static_cast<double>(ws[k]);
+        ax += static_cast<double>(ws[k] * (xs[k] - o.xbar));
+        o.TW[k] = static_cast<float>(aw);
+        o.TX[k] = static_cast<float>(ax);
+    }
+}
+
+// `_affine_cut_search` on 8 sub-blocks (lanes): the first best cut triple (a <= b <= c) in the twin's order
+// (b ascending; within b the first maximum over a, then c). Returns a·289 + b·17 + c per lane.
+template <bool CONSTRAINED>
+QT_INLINE v8i q2_cuts(const v8f* TW, const v8f* TX, v8f sw, v8f swx, v8f xbar) {
+    v8f best = splat(-1.0f);
+    v8i bi = {};
+    const v8f eps = (sw * sw) * (float)1e-6 + (float)1e-30;
+    const v8f isw = 1.0f / vnz(sw);  // `1 / _safe(sw)`: reciprocal(·)·1
+    const v8f swx2 = (swx * swx) * isw;
+    for (int b = 0; b < 17; ++b) {
+        const v8f Bw = TW[b], Bx = TX[b];
+        v8f C1[17], C5[17], Cx[17], swC5[17];
+        for (int c = b; c < 17; ++c) {
+            C1[c] = TW[c] + Bw;
+            C5[c] = TW[c] * 5.0f + Bw * 3.0f;
+            Cx[c] = TX[c] + Bx;
+            swC5[c] = sw * C5[c];
+        }
+        for (int a = 0; a <= b; ++a) {
+            const v8f Aw = TW[a], Ax = TX[a], swAw = sw * Aw;
+            for (int c = b; c < 17; ++c) {
+                const v8f sl = Aw + C1[c];
+                const v8f sxl = Ax + Cx[c];
+                v8f R;
+                if (!CONSTRAINED) {
+                    R = (sxl * sxl) / vmax_((swAw + swC5[c]) - sl * sl, eps);
+                } else {
+                    const v8f sll = Aw + C5[c];
+                    const v8f var = sll - (sl * sl) * isw;
+                    R = (sxl * sxl) / vmax_(var, sll * (float)1e-6 + (float)1e-30);
+                    const v8i infeasible = (var <= sll * (float)1e-6) | (xbar * var > (sxl * sl) * isw);
+                    const v8f sxu = sxl + xbar * sl;
+                    const v8f R0 = (sxu * sxu) / (sll + (float)1e-30);
+                    R = infeasible ? R0 : R + swx2;
+                }
+                const v8i u = R > best;
+                best = u ? R : best;
+                bi = u ? splat_i(a * 289 + b * 17 + c) : bi;
+            }
+        }
+    }
+    return bi;
+}
+
+// the closed-form weighted LS of one cut triple (`solve` in `_affine_sub_exact`)
+struct Q2Solve {
+    float s, m, sl, sll, sxl;
+    bool ok;
+};
+
+QT_INLINE Q2Solve q2_solve(const Q2Sub& o, int code) {
+    const int a = code / 289, b = (code / 17) % 17, c = code % 17;
+    Q2Solve r;
+    r.sl = (o.TW[a] + o.TW[b]) + o.TW[c];
+    r.sll = (o.TW[a] + o.TW[b] * 3.0f) + o.TW[c] * 5.0f;
+    r.sxl = ((o.TX[a] + o.TX[b]) + o.TX[c]) + o.xbar * r.sl;
+    const float D = o.sw * r.sll - r.sl * r.sl;
+    r.ok = D > (o.sw * (float)1e-6) * r.sll;
+    const float Ds = r.ok ? D : 1.0f;
+    r.s = (o.sw * r.sxl - o.swx * r.sl) / Ds;
+    r.m = (r.sll * o.swx - r.sl * r.sxl) / Ds;
+    return r;
+}
+
+struct Q2Half {
+    v8f X[S16];
+    v8f W[S16];
+    v8f S, M, LB;  // ideal scale, min to subtract (>= 0), weighted mean code
+};
+
+// `_affine_sub_exact` for the 8 sub-blocks of one half (x, w: the super-block, original layout)
+template <bool W>
+QT_INLINE void q2_subs(const float* x, const float* w, int h, Q2Half& H) {
+    Q2Sub o[8];
+    v8f TW[17], TX[17], sw, swx, xbar;
+    for (int s = 0; s < 8; ++s) {
+        const int sb = 8 * h + s;
+        q2_prep(x + S16 * sb, W ? w + S16 * sb : nullptr, o[s]);
+        for (int k = 0; k < 17; ++k) {
+            TW[k][s] = o[s].TW[k];
+            TX[k][s] = o[s].TX[k];
+        }
+        sw[s] = o[s].sw;
+        swx[s] = o[s].swx;
+        xbar[s] = o[s].xbar;
+    }
+    const v8i cut = q2_cuts<false>(TW, TX, sw, swx, xbar);
+    Q2Solve r[8];
+    bool redo_any = false;
+    bool redo[8];
+    for (int s = 0; s < 8; ++s) {
+        r[s] = q2_solve(o[s], cut[s]);
+        redo[s] = !r[s].ok || r[s].m > 0.0f || r[s].s < 0.0f;
+        redo_any |= redo[s];
+    }
+    if (redo_any) {  // the min <= 0 constrained search where the free fit is infeasible
+        const v8i cut2 = q2_cuts<true>(TW, TX, sw, swx, xbar);
+        for (int s = 0; s < 8; ++s) {
+            if (!redo[s]) continue;
+            r[s] = q2_solve(o[s], cut2[s]);
+            if (!r[s].ok || r[s].m > 0.0f || r[s].s < 0.0f) {
+                r[s].m = 0.0f;
+                r[s].s = r[s].sll > 0.0f ? r[s].sxl / nz(r[s].sll) : 0.0f;
+            }
+        }
+    }
+    for (int s = 0; s < 8; ++s) {
+        const int sb = 8 * h + s;
+        const float* xs = x + S16 * sb;
+        const float* ws = W ? w + S16 * sb : nullptr;
+        float sv = r[s].s < 0.0f ? 0.0f : r[s].s, mv = r[s].m;
+        // a (near) constant sub-block: s = 0 and the best constant min(mean, 0) may beat every partition's fit
+        const float ss = nz(sv), mc = o[s].xbar > 0.0f ? 0.0f : o[s].xbar;
+        float pe[16], pc[16];
+        for (int j = 0; j < 16; ++j) {
+            const float l = clampf(rne((xs[j] - mv) / ss), 0.0f, 3.0f);
+            const float e = (xs[j] - sv * l) - mv;
+            const float ec = xs[j] - mc;
+            pe[j] = W ? ws[j] * (e * e) : e * e;
+            pc[j] = W ? ws[j] * (ec * ec) : ec * ec;
+        }
+        const bool cst = casc16s(pc) < casc16s(pe);
+        H.S[s] = cst ? 0.0f : sv;
+        H.M[s] = -(cst ? mc : mv);
+        H.LB[s] = cst ? 0.0f : r[s].sl / nz(o[s].sw);
+        for (int j = 0; j < 16; ++j) {
+            H.X[j][s] = xs[j];
+            if (W) H.W[j][s] = ws[j];
+        }
+    }
+}
+
+// `_affine_super`'s evaluate on one half: per sub-block the best (sc, m) of the 6 candidates
+template <bool W>
+QT_INLINE v8f q2_eval(const Q2Half& H, float d, float dmin, v8f& sc_out, v8f& m_out) {
+    const v8f vd = splat(d), vdm = splat(dmin);
+    const v8f rs = vrne(H.S / vnz(vd));
+    const v8f dms = vnz(vdm);
+    const v8f zero = splat(0.0f), q15 = splat(15.0f), q3 = splat(3.0f);
+    v8f be = {}, bsc = {}, bm = {};
+    bool first = true;
+    for (int k = -1; k <= 1; ++k) {
+        const v8f sc = vclamp(rs + static_cast<float>(k), zero, q15);
+        const v8f t = vd * sc;
+        const v8f ts = vnz(t);
+        const v8f fl = vfloor(vmax_(H.M + (t - H.S) * H.LB, zero) / dms);
+        for (int j = 0; j < 2; ++j) {
+            const v8f m = vclamp(fl + static_cast<float>(j), zero, q15);
+            const v8f off = -(vdm * m);
+            const v8f e = casc16([&](int i) {
+                const v8f q = vrne_small(vclamp((H.X[i] - off) / ts, zero, q3));
+                const v8f r = H.X[i] - (t * q + off);
+                const v8f r2 = r * r;
+                return W ? H.W[i] * r2 : r2;
+            });
+            const v8i u = first ? splat_i(-1) : (e < be);
+            first = false;
+            be = u ? e : be;
+            bsc = u ? sc : bsc;
+            bm = u ? m : bm;
+        }
+    }
+    sc_out = bsc;
+    m_out = bm;
+    return be;
+}
+
+template <bool W>
+QT_INLINE void q2_block(const float* x, const float* w, const float* init, int ninit, int refits, uint16_t* d_out,
+                        uint16_t* dmin_out, uint8_t* sc_out, uint8_t* m_out, uint8_t* codes) {
+    Q2Half H[2];
+    q2_subs<W>(x, w, 0, H[0]);
+    q2_subs<W>(x, w, 1, H[1]);
+    float smax = H[0].S[0], mmax = H[0].M[0];  // amax over the 16 sub-blocks
+    for (int i = 1; i < 16; ++i) {
+        const float sv = H[i / 8].S[i % 8], mv = H[i / 8].M[i % 8];
+        smax = sv > smax ? sv : smax;
+        mmax = mv > mmax ? mv : mmax;
+    }
+    float bestE = INFINITY, bd = 0.0f, bdm = 0.0f;
+    v8f bsc[2] = {}, bm[2] = {};
+    auto keep = [&](float d, float dm) {
+        v8f sc[2], m[2];
+        const v8f e0 = q2_eval<W>(H[0], d, dm, sc[0], m[0]);
+        const v8f e1 = q2_eval<W>(H[1], d, dm, sc[1], m[1]);
+        float e = 0.0f;  // a row of 16 sub-blocks in torch's order
+        for (int l = 0; l < 8; ++l) e += e0[l] + e1[l];
+        if (e < bestE) {
+            bestE = e;
+            bd = d;
+            bdm = dm;
+            bsc[0] = sc[0];
+            bsc[1] = sc[1];
+            bm[0] = m[0];
+            bm[1] = m[1];
+        }
+    };
+    for (int i = 0; i < ninit; ++i) keep(h2f(f2h_sat(smax / init[2 * i])), h2f(f2h_sat(mmax / init[2 * i + 1])));
+    for (int r = 0; r < refits; ++r) {
+        // (d, dmin) by weighted LS in float64 given sc, m and the codes; sums over the 256 elements in torch's
+        // order (4-double vectors, accumulator k = element j / 4 of each sub-block, sub-blocks in order)
+        v4d Saa[4] = {}, Sab[4] = {}, Sbb[4] = {}, Sax[4] = {}, Sbx[4] = {};
+        for (int sb = 0; sb < 16; ++sb) {
+            const float scv = bsc[sb / 8][sb % 8], mv = bm[sb / 8][sb % 8];
+            const float t = bd * scv, off = -(bdm * mv);
+            const v8f ts = splat(nz(t)), voff = splat(off), vsc = splat(scv);
+            const v4d bmd = v4d{mv, mv, mv, mv};
+            for (int half = 0; half < 2; ++half) {
+                const v8f xv = vld(x + S16 * sb + 8 * half);
+                const v8f q = vrne_small(vclamp((xv - voff) / ts, splat(0.0f), splat(3.0f)));
+                const v8f a8 = vsc * q;
+                const v8f w8 = W ? vld(w + S16 * sb + 8 * half) : splat(1.0f);
+                for (int p = 0; p < 2; ++p) {
+                    const v4d a = p ? hi4(a8) : lo4(a8), wd = p ? hi4(w8) : lo4(w8), xd = p ? hi4(xv) : lo4(xv);
+                    const int k = 2 * half + p;
+                    Saa[k] += (wd * a) * a;
+                    Sab[k] += (wd * a) * bmd;
+                    Sbb[k] += (wd * bmd) * bmd;
+                    Sax[k] += (wd * a) * xd;
+                    Sbx[k] += (wd * bmd) * xd;
+                }
+            }
+        }
+        auto total = [](const v4d* P) {
+            const v4d v = ((P[0] + P[1]) + P[2]) + P[3];
+            double s = 0.0;
+            for (int l = 0; l < 4; ++l) s += v[l];
+            return s;
+        };
+        const double saa = total(Saa), sab = total(Sab), sbb = total(Sbb), sax = total(Sax), sbx = total(Sbx);
+        const double det = saa * sbb - sab * sab;
+        const bool good = det > (1e-12 * saa) * sbb;
+        const double dets = good ? det : 1.0;
+        double d2 = good ? (sax * sbb - sab * sbx) / dets : sax / (saa > 0.0 ? saa : 1.0);
+        const double dm2 = good ? (sab * sax - saa * sbx) / dets : static_cast<double>(bdm);
+        d2 = saa > 0.0 ? d2 : static_cast<double>(bd);
+        keep(h2f(f2h_sat(static_cast<float>(d2))), h2f(f2h_sat(static_cast<float>(dm2))));
+    }
+    *d_out = f2h(bd);
+    *dmin_out = f2h(bdm);
+    // codes: the base `quantize_columns` (nearest level, ties to the lower) under the decoded params
+    for (int h = 0; h < 2; ++h) {
+        const v8f scale = splat(bd) * bsc[h];
+        const v8f off = -(splat(bdm) * bm[h]);
+        const v8f safe = vnz(scale);
+        for (int s = 0; s < 8; ++s) {
+            sc_out[8 * h + s] = static_cast<uint8_t>(bsc[h][s]);
+            m_out[8 * h + s] = static_cast<uint8_t>(bm[h][s]);
+        }
+        for (int j = 0; j < S16; ++j) {
+            const v8f t = vclamp((H[h].X[j] - off) / safe, splat(0.0f), splat(3.0f));
+            const v8f rr = vrne_small(t);
+            v8f lv = (rr - t) == 0.5f ? rr - 1.0f : rr;
+            lv = t != t ? splat(3.0f) : lv;
+            for (int s = 0; s < 8; ++s) codes[S16 * (8 * h + s) + j] = static_cast<uint8_t>(lv[s]);
+        }
+    }
+}
+
+struct Q2Args {
+    const float* w;
+    int64_t nb;
+    const float* imp;
+    const float* init;  // (ninit, 2) divisors of max S / max M for the starting (d, dmin)
+    int ninit;
+    int refits;
+    uint16_t* d;
+    uint16_t* dmin;
+    uint8_t* sc;
+    uint8_t* m;
+    uint8_t* codes;
+};
+
+QT_CLONES void q2_range(const Q2Args& A, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+        const float* x = A.w + b * QK;
+        if (A.imp)
+            q2_block<true>(x, A.imp + (b % A.nb) * QK, A.init, A.ninit, A.refits, A.d + b, A.dmin + b,
+                           A.sc + b * 16, A.m + b * 16, A.codes + b * QK);
+        else
+            q2_block<false>(x, nullptr, A.init, A.ninit, A.refits, A.d + b, A.dmin + b, A.sc + b * 16,
+                            A.m + b * 16, A.codes + b * QK);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -681,6 +1050,7 @@ void qtool_kquant_from_f16(const uint16_t* h, int64_t n, float* out) {
 
 // Q4_K / Q5_K default encoder over n_blocks super-blocks (rows × cols/256, rows contiguous).
 // imp: cols importance values or null. Outputs per super-block d, dmin (fp16 bits), 8 sc, 8 m, 256 codes.
+// Returns 0, 1/2 for bad arguments, 3 when the weight holds NaN/Inf (outputs incomplete: use the twin).
 int qtool_k4_encode(const float* w, int64_t n_blocks, int64_t blocks_per_row, const float* imp, int nmax,
                     const float* kf, int nks, int refine, const float* shifts, int nshifts, const int32_t* sched,
                     int nsched, const int32_t* pairs, int npairs, int threads, uint16_t* d, uint16_t* dmin,
@@ -692,9 +1062,9 @@ int qtool_k4_encode(const float* w, int64_t n_blocks, int64_t blocks_per_row, co
         if (sched[r] < 0 || sched[r] > npairs || (sched[r] == 0 && nshifts == 0)) return 2;
     K4Args A{w, blocks_per_row, imp,
              K4Cfg{static_cast<float>(nmax), kf, nks, refine, shifts, nshifts, sched, nsched, pairs},
-             d, dmin, sc, m, codes};
+             d, dmin, sc, m, codes, {0}};
     parallel(n_blocks, threads, [&A](int64_t b0, int64_t b1) { k4_range(A, b0, b1); });
-    return 0;
+    return A.nonfinite.load() ? 3 : 0;
 }
 
 // Q6_K (nq 32, sc -128..127) / Q3_K (nq 4, sc -32..31) default encoder. Outputs d (fp16 bits), 16 signed
@@ -710,6 +1080,17 @@ int qtool_sym_encode(const float* w, int64_t n_blocks, int64_t blocks_per_row, c
                      static_cast<float>(sc_hi), dgrid, ndgrid, refits},
               d, sc, codes};
     parallel(n_blocks, threads, [&A](int64_t b0, int64_t b1) { sym_range(A, b0, b1); });
+    return 0;
+}
+
+// Q2_K default encoder. init: (ninit, 2) float divisors (qmax·fd, qmax·fm) of the starting (d, dmin); refits:
+// float64 LS rounds. Outputs d, dmin (fp16 bits), 16 sc and 16 m (0..15) and 256 codes per super-block.
+int qtool_q2_encode(const float* w, int64_t n_blocks, int64_t blocks_per_row, const float* imp, const float* init,
+                    int ninit, int refits, int threads, uint16_t* d, uint16_t* dmin, uint8_t* sc, uint8_t* m,
+                    uint8_t* codes) {
+    if (n_blocks < 0 || blocks_per_row <= 0 || ninit < 1 || refits < 0) return 1;
+    Q2Args A{w, blocks_per_row, imp, init, ninit, refits, d, dmin, sc, m, codes};
+    parallel(n_blocks, threads, [&A](int64_t b0, int64_t b1) { q2_range(A, b0, b1); });
     return 0;
 }
 

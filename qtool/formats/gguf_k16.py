@@ -27,7 +27,8 @@ Native path: the Q6_K/Q3_K default encoder runs in ``kernels/cpu/gguf_kquants.cp
 one call per tensor, super-blocks over ``torch.get_num_threads()`` threads, results independent of the count)
 whenever `runtime.native` can build it; it follows `_sym_sub_search` + `_sym_super` operation for operation
 (sums in torch's order), so it reproduces their output. That torch code stays as its twin and the fallback
-(``QTOOL_NATIVE=0``, no compiler); ``faithful=True`` and Q2_K run in torch.
+(``QTOOL_NATIVE=0``, no compiler); ``faithful=True`` always runs in torch. Q2_K's default encoder
+(`_affine_sub_exact` + `_affine_super`) has its native version there too, same rules.
 """
 
 from __future__ import annotations
@@ -426,7 +427,11 @@ def _affine_sub_exact(x: torch.Tensor, w: torch.Tensor):
     return s, m, lbar
 
 
-def _affine_super(X, W, S, M, LB, qmax: int = 15, nmax: int = 3, refits: int = 3):
+_Q2_STARTS = ((1.0, 1.0), (0.9, 1.0), (0.9, 0.9))  # (d, dmin) = max/(15·f): llama.cpp's max/15, a little finer
+_Q2_REFITS = 3
+
+
+def _affine_super(X, W, S, M, LB, qmax: int = 15, nmax: int = 3, refits: int = _Q2_REFITS):
     """Joint choice of fp16 (d, dmin) (B,) and 4-bit (sc, m) (B, 16) for value = d*sc*q - dmin*m.
     S (B,16) >= 0 ideal scales, M (B,16) >= 0 ideal mins to subtract, LB the weighted mean code of each fit."""
 
@@ -468,7 +473,7 @@ def _affine_super(X, W, S, M, LB, qmax: int = 15, nmax: int = 3, refits: int = 3
         best_sc = torch.where(b[:, None], sc, best_sc)
         best_m = torch.where(b[:, None], m, best_m)
 
-    for fd, fm in ((1.0, 1.0), (0.9, 1.0), (0.9, 0.9)):  # llama.cpp's max/15, and a little finer
+    for fd, fm in _Q2_STARTS:
         keep(f16(S.amax(-1) / (qmax * fd)), f16(M.amax(-1) / (qmax * fm)))
     for _ in range(refits):
         t = best_d[:, None] * best_sc
@@ -659,6 +664,9 @@ class Q2KCodec(_K16Codec):
         d, dmin, sc, m = _affine_super(X, W, S, M, LB)
         return {"d": d.to(torch.float16), "dmin": dmin.to(torch.float16),
                 "sc": sc.to(torch.uint8), "m": m.to(torch.uint8)}
+
+    def _native(self, w, imp):
+        return kquant_native.encode_q2(w, imp, [(15 * fd, 15 * fm) for fd, fm in _Q2_STARTS], _Q2_REFITS)
 
     def _pack_blocks(self, codes, raw):
         scales = (raw["sc"].to(torch.int32) | (raw["m"].to(torch.int32) << 4)).to(torch.uint8)

@@ -21,7 +21,7 @@ from qtool.formats import gguf_k4, gguf_k16, kquant_native
 from qtool.formats.gguf_base import gguf_codec
 from qtool.runtime import native
 
-NATIVE = ("q4_k", "q5_k", "q6_k", "q3_k")
+NATIVE = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k")
 GGML = {n: gguf.GGMLQuantizationType[n.upper()] for n in NATIVE}
 
 
@@ -161,6 +161,10 @@ def _encode(name, w, imp, threads):
                                (31, gguf_k4._KS_Q5, gguf_k4._SHIFTS_Q5, gguf_k4._SCHEDULE_Q5))
         f = kquant_native.encode_k4(w, imp, nmax, ks, gguf_k4._REFINE, sh, sched, gguf_k4._PAIRS, threads=threads)
         return [f[k] for k in ("d", "dmin", "sc", "m", "codes")]
+    if name == "q2_k":
+        starts = [(15 * fd, 15 * fm) for fd, fm in gguf_k16._Q2_STARTS]
+        f, codes = kquant_native.encode_q2(w, imp, starts, gguf_k16._Q2_REFITS, threads=threads)
+        return [f[k] for k in ("d", "dmin", "sc", "m")] + [codes]
     nq = 32 if name == "q6_k" else 4
     sup = (gguf_k16.Q6KCodec if name == "q6_k" else gguf_k16.Q3KCodec)._SUPER
     return list(kquant_native.encode_sym(w, imp, nq, gguf_k16._sym_grid(nq), gguf_k16._SUB_REFINE, *sup,
@@ -187,6 +191,20 @@ def test_bit_identical_across_threads_and_runs(lib, name, with_imp):
     assert torch.equal(q1.codes, q2.codes)
     for k in q1.params:
         assert torch.equal(q1.params[k].contiguous().view(torch.uint8), q2.params[k].contiguous().view(torch.uint8)), k
+
+
+def test_nonfinite_weight_runs_the_twin(lib, monkeypatch):
+    """Q4_K/Q5_K accept NaN/Inf weights (the k16 types refuse them): the kernel hands those to the twin."""
+    w = data("gauss8x1024")
+    w[2, 7] = float("nan")
+    w[5, 300] = float("inf")
+    for name in ("q4_k", "q5_k"):
+        c = gguf_codec(name)
+        qn = c.encode(w)
+        qt = twin(monkeypatch, lambda: c.encode(w))
+        assert torch.equal(qn.codes, qt.codes)
+        for k in qt.params:
+            assert torch.equal(qn.params[k].view(torch.uint8), qt.params[k].view(torch.uint8)), k
 
 
 @pytest.mark.parametrize("name", NATIVE)
