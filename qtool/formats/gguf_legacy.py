@@ -12,7 +12,8 @@ Grid (``value = scale * levels[code] + offset``, one scale/offset per 32-element
 params: ``scale``/``offset`` float32 (rows, cols/32) (the decoded values), ``d`` (and ``m`` for the ``_1``
 types) float16 (rows, cols/32): the raw fields `pack` writes.
 
-Encoders (vectorized over blocks, in chunks of `CHUNK_BLOCKS` blocks, run single-threaded: see `gguf_base.one_thread`):
+Encoders (the torch ones vectorized over blocks, in chunks of `CHUNK_BLOCKS` blocks, run single-threaded: see
+`gguf_base.one_thread`; the default one also native, below):
 
 * ``faithful=True`` reproduces llama.cpp (`ggml-quants.c`):
   - no importance: the ``quantize_row_*_ref`` reference (bit-exact with ``gguf.quants.quantize`` for
@@ -36,10 +37,21 @@ Encoders (vectorized over blocks, in chunks of `CHUNK_BLOCKS` blocks, run single
   against llama.cpp's own d (and m), so no block gets worse than faithful's choice. Codes are the nearest
   levels under the stored d/m. Measured default/faithful error: about 0.8-0.9 (Q4_0/Q5_0/IQ4_NL), 0.8
   (Q4_1/Q5_1), 0.6-0.8 (Q8_0) without an importance; 0.91-0.99 with one (Q8_0 0.4-0.6).
+
+The default encoder runs natively when it can: `kernels/cpu/gguf_legacy.cpp` (loaded by `runtime/native.py`) is
+the same search (the grids below are passed to it) over a whole tensor in one call, blocks as SIMD lanes (AVX2
+or the baseline build), split over ``torch.get_num_threads()`` threads: about 3-15x faster than the torch code on
+one thread (see bench/bench_encoders.py). Not bit-identical with the torch code: its sums round differently,
+and trial scores equal to float32 rounding are ties it refines all of (the torch code keeps the first of the
+noisy maximum, which can refine to a much worse d: Q8_0 blocks with one dominant weight), so no block comes out
+measurably worse and some better (tests/formats/test_gguf_legacy_native.py). Its results do not depend on the
+thread count or the ISA. Without a compiler (or with ``QTOOL_NATIVE=0``) the torch code below runs, the twin:
+`native_reason()` says why. ``faithful=True`` always runs the torch code.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from dataclasses import dataclass
@@ -54,6 +66,7 @@ from qtool.formats.gguf_base import GGUFCodec, register, one_thread
 QK = 32
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 GROUP_MAX_EPS = 1e-15
+LLOYD = 2  # nearest-codes / least-squares refinement rounds of the default encoders
 CHUNK_BLOCKS = 1000  # blocks per chunk: (32, 1000) float32 temporaries (125 KiB) stay in cache and under glibc's
 # mmap threshold (a fresh mmap per op costs page faults); below torch's 32768-element intra-op grain as well
 
@@ -329,9 +342,14 @@ def _ls_scale(wx: torch.Tensor, wt: torch.Tensor, q: torch.Tensor) -> tuple[torc
     return d, torch.where(ok, d * sqx, _f(-1.0))
 
 
+def _targets(lv: torch.Tensor, lo_fracs: tuple[float, ...], hi_fracs: tuple[float, ...]) -> list[float]:
+    """Where `_sym_default`'s trial scales put the block's max element: ``frac * lv[0]``, then ``frac * lv[-1]``."""
+    return [lv[0].item() * f for f in lo_fracs] + [lv[-1].item() * f for f in hi_fracs]
+
+
 def _sym_default(x: torch.Tensor, wt: torch.Tensor, lv: torch.Tensor, d_ref: torch.Tensor,
                  lo_fracs: tuple[float, ...], hi_fracs: tuple[float, ...], steps: tuple[int, ...],
-                 uniform: bool, lloyd: int = 2) -> torch.Tensor:
+                 uniform: bool, lloyd: int = LLOYD) -> torch.Tensor:
     """Best fp16 d for ``x ~ d * lv[code]`` (codes nearest) under weights wt: the stored d (float16).
 
     Candidate scales put the block's max element at ``frac * lv[0]`` / ``frac * lv[-1]``; each candidate's codes
@@ -342,7 +360,7 @@ def _sym_default(x: torch.Tensor, wt: torch.Tensor, lv: torch.Tensor, d_ref: tor
     wx = wt * x
     bd = torch.zeros_like(amax)
     best = torch.full_like(amax, -2.0)
-    for tgt in [lv[0].item() * f for f in lo_fracs] + [lv[-1].item() * f for f in hi_fracs]:
+    for tgt in _targets(lv, lo_fracs, hi_fracs):
         q = _nearest_value((_f(tgt) / safe).unsqueeze(-1) * x, lv, uniform)
         d, score = _ls_scale(wx, wt, q)
         upd = score > best
@@ -379,7 +397,7 @@ def _asym_fit(wt, sw, xm, wxc, L):
 
 
 def _asym_default(x: torch.Tensor, wt: torch.Tensor, nmax: int, d_ref: torch.Tensor, m_ref: torch.Tensor,
-                  offsets: tuple[float, ...], lloyd: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                  offsets: tuple[float, ...], lloyd: int = LLOYD) -> tuple[torch.Tensor, torch.Tensor]:
     """Best fp16 (d, m) for ``x ~ d * code + m``, code in 0..nmax nearest, under weights wt.
 
     Candidates: ``iscale = (nmax + offset) / (max - min)`` rounded from the min and from the max end, each with
@@ -420,6 +438,30 @@ def _asym_default(x: torch.Tensor, wt: torch.Tensor, nmax: int, d_ref: torch.Ten
             upd = e < err
             out_d, out_m, err = torch.where(upd, dk, out_d), torch.where(upd, mk, out_m), torch.where(upd, e, err)
     return out_d.to(torch.float16), out_m.to(torch.float16)
+
+
+# ------------------------------------------------------------------------------------------------ native
+_NATIVE_TYPES = {"q8_0": 0, "q4_0": 1, "q5_0": 2, "q4_1": 3, "q5_1": 4, "iq4_nl": 5}  # the kernel's type ids
+
+
+def _native():
+    """The native default encoder's entry point (`kernels/cpu/gguf_legacy.cpp`), or None: no compiler, a failed
+    build or ``QTOOL_NATIVE=0`` (`native_reason` says which); the torch twin runs then."""
+    from qtool.runtime import native
+
+    lib = native.load("gguf_legacy")
+    if lib is None:
+        return None
+    fn = lib.qtool_gguf_legacy_encode
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def native_reason() -> str:
+    """'' when the default legacy encoders run natively, else why their torch twin runs (for a warning)."""
+    from qtool.runtime import native
+
+    return "" if _native() is not None else native.why("gguf_legacy")
 
 
 # ------------------------------------------------------------------------------------------------ layouts
@@ -472,6 +514,16 @@ class LegacyCodec(GGUFCodec):
         Returns (d float16 (B,), m float16 (B,) or None, codes uint8 (B, 32) or None = nearest)."""
         raise NotImplementedError
 
+    def _fracs(self) -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]]:
+        """The default search of the d-only types: target fractions of the negative / positive table end (where
+        the block's max element lands), and the fp16 ulp steps around the refined d scored at the end."""
+        raise NotImplementedError
+
+    def _search(self) -> tuple[list[float], tuple[int, ...]]:
+        """The default search's grid as the native kernel takes it: (trial targets, fp16 steps)."""
+        lo, hi, steps = self._fracs()
+        return _targets(self.levels_tensor, lo, hi), steps
+
     def _weights(self, x: torch.Tensor, imp: torch.Tensor | None, sigma2: torch.Tensor | None) -> torch.Tensor:
         if imp is None:
             return torch.ones_like(x)
@@ -484,20 +536,39 @@ class LegacyCodec(GGUFCodec):
         nb = cols // QK
         imp = None
         if importance is not None:
-            imp = importance.float().reshape(-1)
+            imp = importance.float().reshape(-1).contiguous()
             if imp.numel() != cols:
                 raise ValueError(f"importance has {imp.numel()} entries, the weight has {cols} columns")
-            imp = imp.reshape(nb, QK)
-        sigma2 = row_sigma2(w) if imp is not None else None
-        xs = w.reshape(-1, QK)
-        nblocks = xs.shape[0]
+        nblocks = rows * nb
         d = torch.empty(nblocks, dtype=torch.float16)
         m = torch.zeros(nblocks, dtype=torch.float16) if self.asym else None
         codes = torch.empty(nblocks, QK, dtype=torch.uint8)
-        with one_thread():
-            self._loop(xs, imp, sigma2, nb, faithful, d, m, codes)
+        if not faithful and (fn := _native()) is not None:
+            self._encode_native(fn, w, imp, d, m, codes)
+        else:
+            sigma2 = row_sigma2(w) if imp is not None else None
+            with one_thread():
+                self._loop(w.reshape(-1, QK), None if imp is None else imp.reshape(nb, QK), sigma2, nb, faithful,
+                           d, m, codes)
         d, m = d.reshape(rows, nb), None if m is None else m.reshape(rows, nb)
         return self._params(d, m), codes.reshape(rows, cols)
+
+    def _encode_native(self, fn, w: torch.Tensor, imp: torch.Tensor | None, d: torch.Tensor, m: torch.Tensor | None,
+                       codes: torch.Tensor, isa: int = 0) -> int:
+        """The default encoder over the whole tensor in the native kernel: fills d (m) and codes in place. `isa`:
+        0 the widest the CPU has, 1 the baseline build, 2 AVX2 (tests: the same results); returns the one run."""
+        grid, steps = self._search()
+        g = torch.tensor(grid, dtype=torch.float32)
+        st = torch.tensor(steps or (0,), dtype=torch.int32)
+        ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        rc = fn(cint(_NATIVE_TYPES[self.name]), ptr(w.data_ptr()), i64(w.shape[0]), i64(w.shape[1]),
+                None if imp is None else ptr(imp.data_ptr()), ptr(g.data_ptr()), cint(len(grid)),
+                ptr(st.data_ptr()), cint(len(steps)), cint(LLOYD), ptr(d.data_ptr()),
+                None if m is None else ptr(m.data_ptr()), ptr(codes.data_ptr()), cint(torch.get_num_threads()),
+                cint(isa))
+        if rc < 0:
+            raise RuntimeError(f"gguf_legacy kernel rejected its arguments (rc {rc})")
+        return rc
 
     def _loop(self, xs, imp, sigma2, nb, faithful, d, m, codes):
         nblocks = xs.shape[0]
@@ -608,11 +679,10 @@ class SymCodec(LegacyCodec):
             d_ref, codes = _make_qx_quants(x, nmax, wt)
         if faithful:
             return d_ref.to(torch.float16), None, codes
-        if self.name == "q8_0":
-            d = _sym_default(x, wt, self.levels_tensor, d_ref, _Q8_LO, _Q8_HI, (-1, 0, 1), uniform=True)
-        else:
-            d = _sym_default(x, wt, self.levels_tensor, d_ref, _SYM_LO, (), (0,), uniform=True)
-        return d, None, None
+        return _sym_default(x, wt, self.levels_tensor, d_ref, *self._fracs(), uniform=True), None, None
+
+    def _fracs(self):
+        return (_Q8_LO, _Q8_HI, (-1, 0, 1)) if self.name == "q8_0" else (_SYM_LO, (), (0,))
 
 
 @dataclass(frozen=True, eq=False)
@@ -631,6 +701,10 @@ class AsymCodec(LegacyCodec):
         d, m = _asym_default(x, wt, nmax, d_ref, m_ref, _ASYM_OFFSETS)
         return d, m, None
 
+    def _search(self):  # the grid of iscale numerators: nmax + offset
+        nmax = (1 << self.nbits) - 1
+        return [nmax + off for off in _ASYM_OFFSETS], ()
+
 
 @dataclass(frozen=True, eq=False)
 class IQ4NLCodec(LegacyCodec):
@@ -647,7 +721,10 @@ class IQ4NLCodec(LegacyCodec):
         d_ref, codes = _iq4nl_faithful(x, x * x if imp is None else wt)  # llama.cpp searches with x^2 without one
         if faithful:
             return d_ref.to(torch.float16), None, codes
-        return _sym_default(x, wt, self.levels_tensor, d_ref, _SYM_LO, _IQ4_HI, (0,), uniform=False), None, None
+        return _sym_default(x, wt, self.levels_tensor, d_ref, *self._fracs(), uniform=False), None, None
+
+    def _fracs(self):
+        return _SYM_LO, _IQ4_HI, (0,)
 
 
 def _make(cls, name: str, qtype: GGMLQuantizationType, levels: tuple) -> LegacyCodec:
