@@ -111,21 +111,29 @@ struct Job {
     uint8_t* codes;        // 32 per block
 };
 
-struct RowSigma {  // the last row's sigma2 (a worker walks its blocks in order)
-    int64_t row = -1;
-    float s2 = 0.0f;
-};
-
-// sum(x^2)/n_per_row, left to right in float32 (`row_sigma2`, llama.cpp)
-float row_sigma2(const Job& J, RowSigma& rs, int64_t r) {
-    if (r != rs.row) {
-        const float* p = J.w + r * J.cols;
-        float acc = 0.0f;
-        for (int64_t j = 0; j < J.cols; ++j) acc = acc + p[j] * p[j];
-        rs.s2 = acc / static_cast<float>(J.cols);
-        rs.row = r;
+// sigma2 = sum(x^2)/n_per_row of rows r0 .. r1-1 into s2[0 ..], each row's sum left to right in float32
+// (`row_sigma2`, llama.cpp): rows four at a time, four add chains in flight
+void row_sigma2(const Job& J, int64_t r0, int64_t r1, float* s2) {
+    const int64_t n = J.cols;
+    const float fn = static_cast<float>(n);
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const float* p = J.w + r * n;
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+            a0 = a0 + p[j] * p[j];
+            a1 = a1 + p[n + j] * p[n + j];
+            a2 = a2 + p[2 * n + j] * p[2 * n + j];
+            a3 = a3 + p[3 * n + j] * p[3 * n + j];
+        }
+        s2[r - r0] = a0 / fn, s2[r - r0 + 1] = a1 / fn, s2[r - r0 + 2] = a2 / fn, s2[r - r0 + 3] = a3 / fn;
     }
-    return rs.s2;
+    for (; r < r1; ++r) {
+        const float* p = J.w + r * n;
+        float a = 0.0f;
+        for (int64_t j = 0; j < n; ++j) a = a + p[j] * p[j];
+        s2[r - r0] = a / fn;
+    }
 }
 
 // ------------------------------------------------------------------------------------------------ N blocks
@@ -259,7 +267,7 @@ struct Lanes {
 
     // load blocks b0 .. b0+n-1 (lanes from n on: zero blocks of zero weight, dropped) with their weights:
     // imp[col] * sqrt(sigma2 + x^2), sigma2 over the row, or 2 sum(x^2)/32 over the block for IQ4_NL
-    static INL void fill(const Job& J, Batch& B, RowSigma& rs, int64_t b0, int n) {
+    static INL void fill(const Job& J, Batch& B, const float* s2rows, int64_t row0, int64_t b0, int n) {
         for (int k = 0; k < N; ++k) {
             if (k >= n) {
                 for (int i = 0; i < QK; ++i) B.x[i][k] = B.w[i][k] = 0.0f;
@@ -278,7 +286,7 @@ struct Lanes {
                 for (int i = 0; i < QK; ++i) acc = acc + xb[i] * xb[i];
                 s2 = acc * (2.0f / QK);
             } else {
-                s2 = row_sigma2(J, rs, b / J.nb);
+                s2 = s2rows[b / J.nb - row0];
             }
             const float* ib = J.imp + (b % J.nb) * QK;
             for (int i = 0; i < QK; ++i) B.w[i][k] = ib[i] * std::sqrt(s2 + xb[i] * xb[i]);
@@ -654,8 +662,8 @@ struct Lanes {
     }
 
     // -------------------------------------------------------------------------------------------- driver
-    static INL void encode_batch(const Job& J, Batch& B, RowSigma& rs, int64_t b0, int n) {
-        fill(J, B, rs, b0, n);
+    static INL void encode_batch(const Job& J, Batch& B, const float* s2rows, int64_t row0, int64_t b0, int n) {
+        fill(J, B, s2rows, row0, b0, n);
         const bool has_imp = J.imp != nullptr;
         const F lo = S(J.qlo), hi = S(J.qhi);
         F d = S(0.0f), m = S(0.0f);
@@ -723,8 +731,14 @@ struct Lanes {
 
     static INL void range(const Job* J, int64_t b0, int64_t b1) {
         Batch B;
-        RowSigma rs;
-        for (int64_t b = b0; b < b1; b += N) encode_batch(*J, B, rs, b, static_cast<int>(b1 - b < N ? b1 - b : N));
+        std::vector<float> s2;  // the row sigma2 of this range's rows (with an importance, but IQ4_NL's is per block)
+        const int64_t row0 = b0 / J->nb;
+        if (J->imp != nullptr && J->type != IQ4_NL && b0 < b1) {
+            s2.resize(static_cast<size_t>((b1 - 1) / J->nb - row0 + 1));
+            row_sigma2(*J, row0, (b1 - 1) / J->nb + 1, s2.data());
+        }
+        for (int64_t b = b0; b < b1; b += N)
+            encode_batch(*J, B, s2.data(), row0, b, static_cast<int>(b1 - b < N ? b1 - b : N));
     }
 };
 
